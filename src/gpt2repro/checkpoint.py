@@ -1,0 +1,98 @@
+"""Checkpoints of a run: atomic writes, finding the latest, loading them back.
+
+A checkpoint is one ``torch.save`` file ``RUN_DIR/checkpoints/step_XXXXXXXX.pt`` holding a dict:
+
+- ``"model"``: the state dict of the *unwrapped* ``GPT`` (no DDP ``module.`` / compile ``_orig_mod.``)
+- ``"model_config"``: ``GPTConfig.to_dict()``
+- ``"step"``: optimizer steps completed
+- and, for training checkpoints, ``"optimizer"``, ``"train_config"``, ``"loader"``, ``"rng"``, ``"val_loss"``
+
+Files are written to a temporary name, fsynced, then renamed: a crash (even SIGKILL) mid-write never
+leaves a file that looks complete, and the previous checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpt2repro.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp files of interrupted writes are ignored)."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint file, with one clear error if it is missing, truncated or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "delete it to fall back to the previous checkpoint"
+        ) from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a gpt2repro checkpoint (no 'model'/'model_config' entries)")
+    return ckpt
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"{path} holds no checkpoint (expected {path / CHECKPOINT_DIR}/step_XXXXXXXX.pt)")
+    return latest
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CHECKPOINT_DIR).is_dir()

@@ -1,0 +1,59 @@
+"""The ``gpt2repro`` command: one sub-command per job, each defined next to the code it drives.
+
+Every sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Mistakes a user can
+fix (``UserError``) become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gpt2repro.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("gpt2repro.prepare", "tokenize a corpus into GPT-2 token shards"),
+    "train": ("gpt2repro.train", "train GPT-2 (single device, DDP under torchrun), with exact resume"),
+    "sample": ("gpt2repro.sample", "generate text from a model"),
+    "eval": ("gpt2repro.evals.cli", "HellaSwag, WikiText-2, LAMBADA, validation loss"),
+    "plot": ("gpt2repro.plot", "plot loss/HellaSwag curves of one or more runs"),
+    "inspect": ("gpt2repro.inspect_weights", "pictures and statistics of a model's weights"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2repro", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # a sub-command not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2repro {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

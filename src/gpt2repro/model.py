@@ -1,0 +1,299 @@
+"""The GPT-2 network, top to bottom, and its key/value cache.
+
+Faithful to OpenAI's released model (and Hugging Face's ``GPT2LMHeadModel``): learned token and
+position embeddings, pre-LayerNorm blocks (attention then MLP, each added to the residual stream),
+a final LayerNorm and an LM head that *is* the token embedding matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gpt2repro.config import ATTENTION_BACKENDS, GPTConfig
+from gpt2repro.errors import UserError
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values of every layer, so decoding one token costs O(context), not O(context²).
+
+    ``keys``/``values`` have shape (n_layer, B, n_head, max_len, head_dim); ``length`` counts the
+    positions already written (all layers advance together, after the last layer has written).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: GPTConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused Q/K/V projection; heads are a batch dimension."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True  # scaled at init (GPT-2 paper, section 2.3)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = config.attn_backend
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.keys[self.layer_idx, :, :, past : past + T] = k
+            cache.values[self.layer_idx, :, :, past : past + T] = v
+            k = cache.keys[self.layer_idx, :, :, : past + T]
+            v = cache.values[self.layer_idx, :, :, : past + T]
+        dropout_p = self.dropout if self.training else 0.0
+        if self.backend == "sdpa":
+            y = self._sdpa(q, k, v, past, dropout_p)
+        else:
+            y = self._explicit(q, k, v, past, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def _causal_mask(t_q: int, t_k: int, past: int, device) -> torch.Tensor:
+        """True where query i (at absolute position past+i) may attend key j."""
+        rows = torch.arange(t_q, device=device).unsqueeze(1) + past
+        return torch.arange(t_k, device=device).unsqueeze(0) <= rows
+
+    def _sdpa(self, q, k, v, past: int, dropout_p: float) -> torch.Tensor:
+        t_q, t_k = q.shape[2], k.shape[2]
+        if past == 0:  # training and prefill: the fused kernels' own causal mask
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        if t_q == 1:  # decoding one token: it sees every cached position
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        mask = self._causal_mask(t_q, t_k, past, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def _explicit(self, q, k, v, past: int, dropout_p: float) -> torch.Tensor:
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+        mask = self._causal_mask(q.shape[2], k.shape[2], past, q.device)
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        if dropout_p > 0.0:
+            att = F.dropout(att, p=dropout_p)
+        return att @ v
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: 4x wider, tanh-approximate GELU (what OpenAI's TF code computed)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2. ``model(idx, targets)`` returns ``(logits, loss)``; logits cover the real vocabulary only."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one shared tensor
+        self.activation_checkpointing = False  # recompute blocks in backward to save memory
+        self.apply(self._init_weights)
+
+    # ---------------------------------------------------------------- initialisation
+    def _init_weights(self, module: nn.Module) -> None:
+        """OpenAI's init: N(0, 0.02), wpe N(0, 0.01), residual projections N(0, 0.02/sqrt(2*n_layer))."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJECTION", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            if module is not self.lm_head:  # lm_head shares wte's tensor, initialised below
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            std = 0.01 if module is self.transformer.wpe else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, T) -> logits (B, T, vocab_size) and, given targets (B, T), the mean cross-entropy.
+
+        Targets equal to -1 are ignored. With a ``cache`` the positions continue after the cached ones and
+        the cache is advanced by T.
+        """
+        if idx.dim() != 2:
+            raise UserError(f"expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise UserError(
+                f"sequence of {past + T} tokens is longer than the model's context of {self.config.block_size}; "
+                "crop the input (generate() does this for you)"
+            )
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.transformer.h:
+            if use_ckpt:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        # Padded vocabulary rows (if any) exist for matmul speed only: they never reach a probability.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    # ---------------------------------------------------------------- utilities
+    def num_params(self, exclude_padding: bool = True) -> int:
+        """Unique parameters (the tied head counted once); padded vocabulary rows left out by default."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_padding:
+            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        return n
+
+    def set_attention_backend(self, backend: str, layers: list[int] | None = None) -> None:
+        """Choose "sdpa" or "explicit" attention for all blocks, or only for the given layer indices."""
+        if backend not in ATTENTION_BACKENDS:
+            raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        for i, block in enumerate(self.transformer.h):
+            if layers is None or i in layers:
+                block.attn.backend = backend
+        if layers is None:
+            self.config.attn_backend = backend
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. fine-tune a 1024-context checkpoint at 256) by cropping wpe."""
+        if not 0 < block_size <= self.config.block_size:
+            raise UserError(
+                f"block size {block_size} must be between 1 and the model's context {self.config.block_size}"
+            )
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        self.transformer.wpe.num_embeddings = block_size
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability everywhere (embeddings, attention, residual paths)."""
+        if not 0.0 <= p < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {p}")
+        self.config.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            if isinstance(module, CausalSelfAttention):
+                module.dropout = p
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        param = self.transformer.wte.weight
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled() else param.dtype
+        return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        stop_token: int | None = None,
+    ) -> torch.Tensor:
+        """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new).
+
+        ``temperature=0`` is greedy. Sampling draws only from ``generator`` (never the global RNG).
+        With ``stop_token``, a row that emitted it keeps emitting it and generation ends once all rows have.
+        """
+        from gpt2repro.sample import stream_tokens
+
+        out = [idx]
+        for token in stream_tokens(
+            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, use_cache=use_cache, stop_token=stop_token,
+        ):
+            out.append(token)
+        return torch.cat(out, dim=1)
+
+    # ---------------------------------------------------------------- weights in and out
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, **kwargs) -> GPT:
+        """Load released GPT-2 weights (HF directory or hub name) or a checkpoint/run of this project."""
+        from gpt2repro.weights import load_pretrained
+
+        return load_pretrained(name_or_dir, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+        from gpt2repro.weights import save_pretrained
+
+        save_pretrained(self, directory)

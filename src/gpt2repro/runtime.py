@@ -1,0 +1,86 @@
+"""Where and in what precision to run: device autodetection, dtype parsing, autocast contexts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from gpt2repro.errors import UserError
+
+log = logging.getLogger("gpt2repro")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given (and available), else cuda, then mps, then cpu."""
+    if requested in (None, "", "auto"):
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {requested!r}; use cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {requested!r} asked for but CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {requested!r} asked for but MPS is not available here; use --device cpu")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), so bf16 autocast is a speed-up."""
+    try:
+        caps = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return False
+    if caps in ("AVX512", "AVX512_BF16", "AMX"):
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 where the hardware computes in it natively, fp32 otherwise."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def parse_dtype(name: str | None, device: torch.device) -> str:
+    """Validate a ``--dtype`` choice for ``device`` ("auto"/None picks the default)."""
+    if name in (None, "", "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("fp16 is for CUDA GPUs without bf16; on CPU use --dtype bf16 or --dtype fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16 support; use --dtype fp16 (with loss scaling) or --dtype fp32")
+    return name
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed-precision context for the forward pass (weights stay fp32); a no-op for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A private RNG on ``device`` (sampling uses it instead of the global one)."""
+    gen_device = device if device.type in ("cuda", "cpu") else torch.device("cpu")
+    g = torch.Generator(device=gen_device)
+    g.manual_seed(seed)
+    return g
