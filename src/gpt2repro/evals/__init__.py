@@ -1,0 +1,1 @@
+"""Evaluations: HellaSwag, zero-shot perplexity (WikiText-2, LAMBADA) and validation loss."""
