@@ -194,7 +194,9 @@ class GPT(nn.Module):
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        # Checkpoint only when a backward pass follows; a KV cache must be written, not recomputed.
         use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        use_ckpt = use_ckpt and cache is None
         for block in self.transformer.h:
             if use_ckpt:
                 x = checkpoint(block, x, use_reentrant=False)
