@@ -1,0 +1,92 @@
+"""torch.distributed set-up for ``torchrun``: NCCL on CUDA, gloo on CPU; a no-op for a single process.
+
+``torchrun --nproc_per_node=N -m gpt2repro train …`` sets RANK, WORLD_SIZE, LOCAL_RANK (and the
+rendezvous variables for multi-node); ``init()`` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt2repro.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun; return this process's rank info and device.
+
+    Each CUDA process takes ``cuda:LOCAL_RANK``; CPU processes use gloo.
+    """
+    from gpt2repro.runtime import pick_device
+
+    if not launched_by_torchrun():
+        return DistInfo(), pick_device(device_name)
+    try:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except (KeyError, ValueError) as e:
+        raise UserError("RANK/WORLD_SIZE/LOCAL_RANK are malformed; launch with torchrun") from e
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=True), device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average ``t`` over ranks in place (identity for a single process)."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's ``obj`` on every rank (e.g. the checkpoint path chosen by rank 0)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,59 @@
+"""Validation loss on a fixed set of held-out tokens (the same tokens at every evaluation of a run).
+
+Sharded across ranks under DDP: each rank evaluates its own slice of the val batches and the summed
+loss and token counts are all-reduced, so every rank returns the same, exact mean.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from gpt2repro.runtime import autocast
+
+
+@torch.no_grad()
+def val_loss(
+    model: torch.nn.Module,
+    data_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_tokens: int | None,
+    device: torch.device | str,
+    dtype: str,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Mean next-token cross-entropy over the first ``max_tokens`` val tokens of ``data_dir``.
+
+    Returns ``{"loss": float, "tokens": int}`` (tokens counted over all ranks). ``model`` should be the
+    unwrapped ``GPT`` (not the DDP wrapper); it is put in eval mode and restored afterwards.
+    """
+    from gpt2repro.data import val_batches
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for x, y in val_batches(
+            data_dir, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size
+        ):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            n = (y != -1).sum()
+            loss_sum += loss.double() * n
+            tokens += n
+    finally:
+        model.train(was_training)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        packed = torch.stack([loss_sum, tokens])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        loss_sum, tokens = packed[0], packed[1]
+    n_tokens = int(tokens.item())
+    return {"loss": float(loss_sum.item() / max(n_tokens, 1)), "tokens": n_tokens}
