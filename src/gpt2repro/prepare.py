@@ -1,0 +1,378 @@
+"""``gpt2repro prepare``: a corpus -> GPT-2 token shards + ``manifest.json``, on all cores, streaming.
+
+Each document becomes ``<|endoftext|>`` followed by its tokens (the GPT-2 convention). The token stream is cut
+into shards of ``--shard-tokens``: the first ``--val-tokens`` tokens go to ``<source>_val_000000.bin`` (and
+more val shards if needed), the rest to ``<source>_train_000001.bin``, … (llm.c format, see ``data.py``).
+
+Without ``--val-tokens`` the val split is ``min(10,485,760, 10% of the corpus)`` tokens; to know whether the
+corpus is small, the first ``10 x 10,485,760`` tokens are held in memory (~200 MB) before anything is split.
+
+Crash safety: shards are written under hidden temp names (``.NAME.partial``) and renamed only when the whole
+corpus is done; ``manifest.json`` is written last (temp + rename). So an interrupted run never leaves output
+that looks complete, and re-running over it restarts cleanly (its leftovers are removed). A directory that
+already holds a complete dataset (a manifest) is refused unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2repro import sources
+from gpt2repro.config import EOT_TOKEN_ID
+from gpt2repro.data import MANIFEST_NAME, SHARD_MAGIC, SHARD_VERSION, SPLITS, read_manifest, write_shard
+from gpt2repro.errors import UserError
+from gpt2repro.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_VAL_TOKENS = 10_485_760
+SMALL_CORPUS_VAL_FRACTION = 10  # val = 1/10 of a corpus smaller than 10 x DEFAULT_VAL_TOKENS
+BATCH_CHARS = 1 << 18  # documents are sent to the workers in batches of about this many characters
+PARTIAL_SUFFIX = ".partial"
+
+
+def _encode_documents(texts: list[str]) -> np.ndarray:
+    """EOT + tokens of each document, concatenated (runs in a worker process)."""
+    enc = get_tokenizer()
+    tokens: list[int] = []
+    for text in texts:
+        tokens.append(EOT_TOKEN_ID)
+        tokens.extend(enc.encode_ordinary(text))
+    return np.array(tokens, dtype=np.uint16)
+
+
+def _document_batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in documents:
+        if not text:
+            continue  # an empty document would be a lone EOT
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_stream(documents: Iterable[str], workers: int) -> Iterator[np.ndarray]:
+    """Token arrays of consecutive document batches, in order, tokenized by ``workers`` processes.
+
+    At most ``2 x workers`` batches are in flight, so an endless source (FineWeb) is read only as fast as it
+    is tokenized.
+    """
+    batches = _document_batches(documents)
+    if workers <= 1:
+        for batch in batches:
+            yield _encode_documents(batch)
+        return
+    get_tokenizer()  # build it once before forking so the workers inherit it
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_documents, batch))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _ShardWriter:
+    """Cuts the token stream into val then train shards under temp names; ``finish`` makes them visible."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
+        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.split = "val"
+        self.shards: list[dict] = []
+
+    def write(self, tokens: np.ndarray, split: str) -> None:
+        if len(tokens) == 0:
+            return
+        if split != self.split:
+            self._flush()
+            self.split = split
+        while len(tokens):
+            take = min(len(tokens), self.shard_tokens - self.fill)
+            self.buffer[self.fill : self.fill + take] = tokens[:take]
+            self.fill += take
+            tokens = tokens[take:]
+            if self.fill == self.shard_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"{self.prefix}_{self.split}_{len(self.shards):06d}.bin"
+        sha256 = write_shard(self.out_dir / f".{name}{PARTIAL_SUFFIX}", self.buffer[: self.fill])
+        self.shards.append({"name": name, "split": self.split, "tokens": self.fill, "sha256": sha256})
+        self.fill = 0
+
+    def finish(self) -> list[dict]:
+        self._flush()
+        for shard in self.shards:
+            os.replace(self.out_dir / f".{shard['name']}{PARTIAL_SUFFIX}", self.out_dir / shard["name"])
+        return self.shards
+
+
+def _is_dataset_file(path: Path) -> bool:
+    """Files a previous (possibly interrupted) prepare into this directory may have left."""
+    name = path.name
+    if name.startswith(".") and (name.endswith(PARTIAL_SUFFIX) or name.endswith(".tmp")):
+        return True
+    return path.suffix in (".bin", ".npy") and any(split in name for split in SPLITS)
+
+
+def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() and not overwrite else None
+    if manifest is not None:
+        raise UserError(
+            f"{out_dir} already holds a prepared dataset ({manifest.get('source', '?')}, "
+            f"{sum(s['tokens'] for s in manifest['shards'])} tokens); pass --overwrite to rebuild it "
+            "or choose another --out"
+        )
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # first, so a rebuild never looks complete half-way
+    stale = [p for p in out_dir.iterdir() if p.is_file() and _is_dataset_file(p)]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed %d files of an earlier, incomplete or replaced run from %s", len(stale), out_dir)
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    import json
+
+    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / MANIFEST_NAME)
+
+
+def prepare_corpus(
+    documents: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    source_name: str = "corpus",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_tokens: int | None = None,
+    max_tokens: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    source_info: dict | None = None,
+) -> dict:
+    """Tokenize ``documents`` into shards in ``out_dir``; returns the manifest (also saved as manifest.json).
+
+    ``val_tokens=None`` means ``min(DEFAULT_VAL_TOKENS, 10% of the corpus)``; ``max_tokens`` keeps only that
+    many tokens (a prefix of the token stream).
+    """
+    for name, value in (
+        ("shard_tokens", shard_tokens),
+        ("val_tokens", val_tokens),
+        ("max_tokens", max_tokens),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    out_dir = Path(out_dir)
+    _prepare_output_dir(out_dir, overwrite)
+    writer = _ShardWriter(out_dir, source_name, shard_tokens)
+    started = time.perf_counter()
+    try:
+        total, num_docs, val_count = _split_into_shards(
+            documents, writer, val_tokens, max_tokens, workers, progress
+        )
+        if total == 0:
+            raise UserError(
+                f"the {source_name} corpus is empty: no document with text was found; check the input"
+            )
+        if total - val_count < 1 or val_count < 1:
+            raise UserError(
+                f"the {source_name} corpus has {total} tokens, too few for both a val split ({val_count}) "
+                "and a "
+                "train split; give more text or a smaller --val-tokens"
+            )
+        shards = writer.finish()
+    except BaseException:
+        for path in out_dir.glob(f".*{PARTIAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
+        raise
+    elapsed = time.perf_counter() - started
+    manifest = {
+        "format": f"llm.c token shards (magic {SHARD_MAGIC}, version {SHARD_VERSION}, uint16)",
+        "source": source_name,
+        "source_info": source_info or {},
+        "tokenizer": "gpt2",
+        "eot_token": EOT_TOKEN_ID,
+        "num_documents": num_docs,
+        "num_tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in SPLITS},
+        "shard_tokens": shard_tokens,
+        "shards": shards,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(elapsed, 3),
+    }
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _split_into_shards(
+    documents: Iterable[str],
+    writer: _ShardWriter,
+    val_tokens: int | None,
+    max_tokens: int | None,
+    workers: int,
+    progress: bool,
+) -> tuple[int, int, int]:
+    """Stream tokens into ``writer``: (total tokens, documents, val tokens)."""
+    val_count = val_tokens  # None until known (automatic val size)
+    pending: list[np.ndarray] = []  # held only while the automatic val size is undecided
+    pending_total = emitted = total = num_docs = 0
+
+    def emit(tokens: np.ndarray) -> None:
+        nonlocal emitted
+        to_val = max(0, min(len(tokens), val_count - emitted))
+        writer.write(tokens[:to_val], "val")
+        writer.write(tokens[to_val:], "train")
+        emitted += len(tokens)
+
+    bar = tqdm(
+        total=max_tokens, unit="tok", unit_scale=True, disable=not progress, desc=f"prepare {writer.prefix}"
+    )
+    with bar:
+        for tokens in encode_stream(documents, workers):
+            if max_tokens is not None and total + len(tokens) > max_tokens:
+                tokens = tokens[: max_tokens - total]
+            total += len(tokens)
+            num_docs += int(np.count_nonzero(tokens == EOT_TOKEN_ID))
+            bar.update(len(tokens))
+            if val_count is None:
+                pending.append(tokens)
+                pending_total += len(tokens)
+                if pending_total >= SMALL_CORPUS_VAL_FRACTION * DEFAULT_VAL_TOKENS:
+                    val_count = DEFAULT_VAL_TOKENS
+                    for part in pending:
+                        emit(part)
+                    pending.clear()
+            else:
+                emit(tokens)
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if val_count is None:
+        val_count = min(DEFAULT_VAL_TOKENS, total // SMALL_CORPUS_VAL_FRACTION)
+        for part in pending:
+            emit(part)
+    return total, num_docs, val_count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help="with --source files: files, directories or globs"
+    )
+    parser.add_argument(
+        "--source",
+        choices=["embedded", "files", "fineweb-edu"],
+        default="embedded",
+        help="embedded: the Python Language Reference shipped with CPython (offline); files: local "
+        ".txt/.jsonl/.parquet; fineweb-edu: HF datasets streaming (default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help="tokens per shard (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-tokens",
+        type=int,
+        default=None,
+        help=f"tokens in the val split (default: {DEFAULT_VAL_TOKENS}, or 10%% of a smaller corpus)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (a prefix)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="rebuild an output directory that is complete"
+    )
+    parser.add_argument(
+        "--split-on-blank-lines",
+        action="store_true",
+        help="files: one document per blank-line-separated paragraph of a .txt (default: per file)",
+    )
+    parser.add_argument(
+        "--subset",
+        default="sample-10BT",
+        help=f"fineweb-edu: the subset ({', '.join(sources.FINEWEB_SUBSETS)}; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-files",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="fineweb-edu: read these local parquet/jsonl files (a downloaded copy) instead of the Hub",
+    )
+
+
+def _documents_for(args: argparse.Namespace) -> tuple[Iterable[str], dict]:
+    if args.source != "files" and args.paths:
+        raise UserError(f"PATH arguments are only for --source files (got {' '.join(args.paths)})")
+    if args.source == "embedded":
+        return sources.embedded_documents(), {"corpus": "pydoc_data.topics (Python Language Reference)"}
+    if args.source == "files":
+        files = sources.resolve_files(args.paths)  # fail fast, before any output is touched
+        info = {"files": [str(p) for p in files], "split_on_blank_lines": args.split_on_blank_lines}
+        return sources.file_documents(args.paths, split_on_blank_lines=args.split_on_blank_lines), info
+    info = {"dataset": sources.FINEWEB_DATASET, "subset": args.subset, "data_files": args.data_files}
+    return sources.fineweb_documents(args.subset, data_files=args.data_files), info
+
+
+def run(args: argparse.Namespace) -> int:
+    documents, info = _documents_for(args)
+    info["max_tokens"] = args.max_tokens
+    manifest = prepare_corpus(
+        documents,
+        args.out,
+        source_name=args.source,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        source_info=info,
+    )
+    counts = manifest["num_tokens"]
+    log.info(
+        "%s: %d documents, %d train + %d val tokens in %d shards (%.0f tokens/s)",
+        args.out,
+        manifest["num_documents"],
+        counts["train"],
+        counts["val"],
+        len(manifest["shards"]),
+        (counts["train"] + counts["val"]) / max(manifest["seconds"], 1e-9),
+    )
+    return 0

@@ -1,0 +1,174 @@
+"""Corpus readers for ``gpt2repro prepare``: each yields documents (``str``) one at a time, never the corpus.
+
+* ``embedded_documents``: the Python Language Reference topics shipped inside CPython (``pydoc_data.topics``),
+  a real English corpus present on every machine, one document per topic.
+* ``file_documents``: ``.txt`` (one document per file, or per blank-line-separated paragraph), ``.jsonl`` (a
+  ``text`` field per line) and ``.parquet`` (a ``text`` column), given as files, directories or globs.
+* ``fineweb_documents``: FineWeb-Edu streamed with Hugging Face ``datasets`` (or a local copy of its parquet
+  or jsonl files through the same code).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from gpt2repro.errors import UserError
+
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
+FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT")
+
+
+def embedded_documents() -> Iterator[str]:
+    """The Python Language Reference, one document per topic (sorted by topic name)."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def resolve_files(paths: Sequence[str]) -> list[Path]:
+    """Files named directly, found (recursively) in directories, or matched by globs, in a stable order."""
+    if not paths:
+        raise UserError("--source files needs at least one PATH (a file, directory or glob)")
+    files: list[Path] = []
+    for spec in paths:
+        path = Path(spec)
+        if any(c in spec for c in "*?["):
+            found = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+            found = [p for p in found if p.is_file() and p.suffix in FILE_SUFFIXES]
+            if not found:
+                raise UserError(f"the glob {spec!r} matches no {'/'.join(FILE_SUFFIXES)} file")
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+            if not found:
+                raise UserError(f"directory {path} holds no {'/'.join(FILE_SUFFIXES)} file")
+        elif path.is_file():
+            if path.suffix not in FILE_SUFFIXES:
+                raise UserError(
+                    f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}"
+                )
+            found = [path]
+        else:
+            raise UserError(f"{path} does not exist")
+        files.extend(found)
+    return files
+
+
+def file_documents(paths: Sequence[str], *, split_on_blank_lines: bool = False) -> Iterator[str]:
+    """Documents of local files (see ``resolve_files``), file by file."""
+    for path in resolve_files(paths):
+        if path.suffix == ".txt":
+            yield from _txt_documents(path, split_on_blank_lines)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_documents(path)
+        else:
+            yield from _parquet_documents(path)
+
+
+def _not_utf8(path: Path, where: str) -> UserError:
+    return UserError(
+        f"{path} is not UTF-8 text ({where}): convert it first, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path} > out.txt`"
+    )
+
+
+def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
+    if not split_on_blank_lines:
+        try:
+            yield path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, f"invalid byte at offset {e.start}") from e
+        return
+    paragraph: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, f"line {lineno}") from e
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).rstrip("\r\n")
+                paragraph = []
+    if paragraph:
+        yield "".join(paragraph).rstrip("\r\n")
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, f"line {lineno}") from e
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(
+                    f"{path}:{lineno} is not valid JSON ({e}); each line must be one JSON object"
+                ) from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(
+                    f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": …}}"
+                )
+            yield record["text"]
+
+
+def _parquet_documents(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise UserError("reading .parquet files needs pyarrow: `pip install pyarrow`") from e
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for non-parquet bytes
+        raise UserError(f"{path} is not a readable parquet file ({e})") from e
+    if "text" not in parquet.schema_arrow.names:
+        raise UserError(f"{path} has no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def fineweb_documents(
+    subset: str = "sample-10BT", *, dataset: str = FINEWEB_DATASET, data_files: Sequence[str] | None = None
+) -> Iterator[str]:
+    """FineWeb-Edu's ``text`` column, streamed (nothing is downloaded up front).
+
+    With ``data_files`` (local ``.parquet`` or ``.jsonl`` files of the same schema, e.g. a downloaded copy)
+    the same ``datasets`` streaming reader runs on them instead of the Hub.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise UserError("--source fineweb-edu needs Hugging Face datasets: `pip install datasets`") from e
+    try:
+        if data_files:
+            files = [str(p) for p in resolve_files(list(data_files))]
+            builder = "json" if all(f.endswith(".jsonl") for f in files) else "parquet"
+            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+            where = f"local files {', '.join(files)}"
+        else:
+            rows = datasets.load_dataset(dataset, name=subset, split="train", streaming=True)
+            where = f"{dataset} ({subset})"
+    except UserError:
+        raise
+    except Exception as e:  # network, unknown subset, missing files: say which and how to fix
+        raise UserError(
+            f"could not open {dataset} subset {subset!r}: {e}; check the subset name "
+            f"({', '.join(FINEWEB_SUBSETS)}) "
+            "and internet access, or pass local parquet files with --data-files"
+        ) from e
+    for row in rows:
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise UserError(f"a row of {where} has no string 'text' field (keys: {', '.join(row)})")
+        yield text
