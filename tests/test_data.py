@@ -31,7 +31,7 @@ def llmc_shard_bytes(tokens: list[int] | np.ndarray, *, magic=20240520, version=
 
 
 def make_documents(num_docs: int, seed: int = 0) -> list[np.ndarray]:
-    """Documents ``[EOT, ids…]`` whose non-EOT ids are all distinct, so every token position is identifiable."""
+    """Documents ``[EOT, ids…]`` whose non-EOT ids are all distinct: every token position is identifiable."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 40, num_docs)
     ids = rng.permutation(np.arange(EOT))[: lengths.sum()]
@@ -184,7 +184,9 @@ def test_ranks_together_equal_one_process_with_world_size_times_the_batch(datase
 def test_resume_yields_the_uninterrupted_batches(dataset, shuffle):
     data_dir, stream = dataset
     batch, seq, world_size = 2, 17, 2
-    reference = [TokenLoader(data_dir, "train", batch, seq, rank=r, world_size=2, shuffle=shuffle) for r in (0, 1)]
+    reference = [
+        TokenLoader(data_dir, "train", batch, seq, rank=r, world_size=2, shuffle=shuffle) for r in (0, 1)
+    ]
     expected = [[loader.next_batch() for loader in reference] for _ in range(90)]  # ~2.5 epochs
     for k in (0, 7, len(stream) // (world_size * batch * seq)):  # start, middle, right at an epoch end
         first = TokenLoader(data_dir, "train", batch, seq, rank=0, world_size=2, shuffle=shuffle)
@@ -234,7 +236,9 @@ def test_val_batches_are_fixed_and_split_across_ranks(dataset):
     for (x, y), (x2, y2) in zip(first, again, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     np.testing.assert_array_equal(torch.cat([x.flatten() for x, _ in first]).numpy(), val[: 20 * len(first)])
-    np.testing.assert_array_equal(torch.cat([y.flatten() for _, y in first]).numpy(), val[1 : 20 * len(first) + 1])
+    np.testing.assert_array_equal(
+        torch.cat([y.flatten() for _, y in first]).numpy(), val[1 : 20 * len(first) + 1]
+    )
     ranks = [list(val_batches(data_dir, 1, 10, rank=r, world_size=2)) for r in (0, 1)]
     stacked = [torch.cat([r0[0], r1[0]]) for r0, r1 in zip(*ranks, strict=True)]
     assert all(torch.equal(s, x) for s, (x, _) in zip(stacked, first, strict=True))
@@ -305,7 +309,9 @@ def test_stray_shard_not_in_manifest(dataset):
     (data_dir / "manifest.json").write_text(json.dumps({"shards": shards}))
     TokenLoader(data_dir, "train", 1, 8)
     write_shard(data_dir / "old_train_000009.bin", [EOT, 1, 2])
-    with pytest.raises(UserError, match=r"does not match the train shards.*old_train_000009.bin.*--overwrite"):
+    with pytest.raises(
+        UserError, match=r"does not match the train shards.*old_train_000009.bin.*--overwrite"
+    ):
         TokenLoader(data_dir, "train", 1, 8)
 
 
