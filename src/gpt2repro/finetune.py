@@ -4,15 +4,15 @@
 ``model`` preset plus any overrides. Otherwise (``init_from`` = a released GPT-2 name, a local Hugging Face
 directory, or a run directory / checkpoint of this project) the *weights only* are loaded: the optimizer is
 fresh and the step count starts at 0 (unlike ``--resume``). The architecture then comes from the checkpoint,
-so an override that contradicts it is an error rather than a silent mismatch; what may legitimately change
-for fine-tuning is applied on top: a shorter context (cropped position embeddings), dropout, vocabulary
-padding for speed, attention backend and activation checkpointing.
-"""
+so an override that contradicts it (``--n-layer``/``--n-head``/``--n-embd``, a ``--model`` preset of
+another shape, a larger ``--block-size``) is an error rather than a silent mismatch; the default ``--model``
+(not chosen by anyone) is simply not used. What may legitimately change for fine-tuning is applied on top:
+a shorter context (cropped position embeddings), dropout, vocabulary padding for speed, activation
+checkpointing."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,79 +20,45 @@ import torch.nn as nn
 from gpt2repro.config import PRESETS, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
+from gpt2repro.train_config import TrainConfig
 
 log = logging.getLogger("gpt2repro")
 
 SCRATCH = "scratch"
-RELEASED_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# Fields that fix the shape of the weights: a loaded checkpoint decides them.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "layer_norm_eps")
-# ``model`` values meaning "whatever the checkpoint is".
-AUTO_MODEL = (None, "", "auto")
+# Overrides that would change the shape of the weights: a loaded checkpoint decides them.
+SHAPE_OVERRIDES = ("n_layer", "n_head", "n_embd")
 
 
-def initial_model(cfg: Any) -> GPT:
-    """Build the model a run starts from (on CPU, fp32); ``cfg`` is the trainer's resolved config.
-
-    Reads ``init_from``, ``model``, ``block_size``, ``dropout``, ``vocab_pad_multiple``,
-    ``activation_checkpointing`` and any ``GPTConfig`` field overrides (``None`` = not given).
-    """
-    source = str(_get(cfg, "init_from") or SCRATCH)
-    if source == SCRATCH:
-        model = _from_scratch(cfg)
+def initial_model(cfg: TrainConfig) -> GPT:
+    """Build the model a run starts from (on CPU, fp32), as ``cfg.init_from`` says."""
+    if cfg.init_from == SCRATCH:
+        model = GPT(GPTConfig.preset(cfg.model, **cfg.model_overrides()))
+        log.info("init from scratch: model %s, %.2fM parameters, context %d",
+                 cfg.model, model.num_params() / 1e6, model.config.block_size)
     else:
-        model = _from_pretrained(cfg, source)
-    model.activation_checkpointing = bool(_get(cfg, "activation_checkpointing", False))
+        model = _from_pretrained(cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
     return model
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    """A field of the trainer's config (dataclass, namespace or dict), ``default`` when absent."""
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def _from_scratch(cfg: Any) -> GPT:
-    name = _get(cfg, "model")
-    if name in AUTO_MODEL:
-        raise UserError(
-            "training from scratch needs a model preset: pass --model NAME or --init-from a checkpoint"
-        )
-    fields = GPTConfig.__dataclass_fields__
-    overrides = {k: v for k in fields if (v := _get(cfg, k)) is not None}
-    model = GPT(GPTConfig.preset(name, **overrides))
-    log.info(
-        "init from scratch: model %s, %.2fM parameters, context %d",
-        name, model.num_params() / 1e6, model.config.block_size,
-    )
-    return model
-
-
-def _from_pretrained(cfg: Any, source: str) -> GPT:
+def _from_pretrained(cfg: TrainConfig) -> GPT:
+    source = cfg.init_from
     model = GPT.from_pretrained(source)
     loaded = model.config
-    _check_compatible(cfg, source, loaded)
-
-    block_size = _get(cfg, "block_size")
-    if block_size is not None and block_size != loaded.block_size:
-        if block_size > loaded.block_size:
+    _check_compatible(cfg, loaded)
+    if cfg.block_size is not None and cfg.block_size != loaded.block_size:
+        if cfg.block_size > loaded.block_size:
             raise UserError(
-                f"--block-size {block_size} is larger than the context of {source} ({loaded.block_size}); "
-                f"a pretrained position embedding cannot grow: use --block-size {loaded.block_size} or less"
+                f"--block-size {cfg.block_size} is larger than the context of {source} "
+                f"({loaded.block_size}); a pretrained position embedding cannot grow: "
+                f"use --block-size {loaded.block_size} or less"
             )
-        log.info("cropping the context of %s from %d to %d", source, loaded.block_size, block_size)
-        model.crop_block_size(block_size)
-
-    model.set_dropout(float(_get(cfg, "dropout", 0.0) or 0.0))
-    pad_multiple = _get(cfg, "vocab_pad_multiple")
-    if pad_multiple is not None:
-        set_vocab_padding(model, int(pad_multiple))
-    backend = _get(cfg, "attn_backend")
-    if backend is not None:
-        model.set_attention_backend(backend)
+        log.info("cropping the context of %s from %d to %d", source, loaded.block_size, cfg.block_size)
+        model.crop_block_size(cfg.block_size)
+    model.set_dropout(cfg.dropout)
+    set_vocab_padding(model, cfg.vocab_pad_multiple)
     log.info(
-        "init from %s (weights only; fresh optimizer, step 0): %.2fM parameters, "
+        "init from %s (weights only: fresh optimizer, step 0): %.2fM parameters, "
         "%d layers, %d heads, %d dims, context %d, dropout %g",
         source, model.num_params() / 1e6, loaded.n_layer, loaded.n_head, loaded.n_embd,
         model.config.block_size, model.config.dropout,
@@ -100,27 +66,29 @@ def _from_pretrained(cfg: Any, source: str) -> GPT:
     return model
 
 
-def _check_compatible(cfg: Any, source: str, loaded: GPTConfig) -> None:
-    """Raise a ``UserError`` naming every architecture option that contradicts the loaded checkpoint."""
-    conflicts = []
-    for name in SHAPE_FIELDS:
-        wanted = _get(cfg, name)
-        if wanted is not None and wanted != getattr(loaded, name):
-            conflicts.append(f"--{name.replace('_', '-')} {wanted} (checkpoint: {getattr(loaded, name)})")
-    preset = _get(cfg, "model")
-    if preset not in AUTO_MODEL and preset != source:
-        if preset not in PRESETS:
-            raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        shape = {k: v for k, v in PRESETS[preset].items() if k in SHAPE_FIELDS}
-        actual = {k: getattr(loaded, k) for k in shape}
-        if shape != actual:
-            conflicts.append(f"--model {preset} ({_describe(shape)}; checkpoint: {_describe(actual)})")
+def _check_compatible(cfg: TrainConfig, loaded: GPTConfig) -> None:
+    """Raise one ``UserError`` naming every architecture option that contradicts the loaded weights."""
+    conflicts = [
+        f"--{name.replace('_', '-')} {getattr(cfg, name)} (checkpoint: {getattr(loaded, name)})"
+        for name in SHAPE_OVERRIDES
+        if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(loaded, name)
+    ]
+    preset = {k: v for k, v in PRESETS[cfg.model].items() if k in SHAPE_OVERRIDES}
+    actual = {k: getattr(loaded, k) for k in preset}
+    if preset != actual:
+        if cfg.model == _DEFAULT_MODEL:  # not chosen by the user: nothing contradicts
+            log.info("the architecture comes from %s, not the default --model %s", cfg.init_from, cfg.model)
+        else:
+            conflicts.append(f"--model {cfg.model} ({_describe(preset)}; checkpoint: {_describe(actual)})")
     if conflicts:
         raise UserError(
-            f"--init-from {source}: the architecture comes from the checkpoint, but "
+            f"--init-from {cfg.init_from}: the architecture comes from the checkpoint, but "
             + "; ".join(conflicts)
-            + " contradict(s) it; drop these options (or train from scratch with --init-from scratch)"
+            + " contradict(s) it; drop these options (or pass the checkpoint's own values)"
         )
+
+
+_DEFAULT_MODEL = TrainConfig.__dataclass_fields__["model"].default
 
 
 def _describe(shape: dict) -> str:
