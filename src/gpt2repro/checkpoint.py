@@ -96,3 +96,54 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CHECKPOINT_DIR).is_dir()
+
+
+# ---------------------------------------------------------------------- training helpers
+def rng_state() -> dict:
+    """Every RNG a training step may draw from (dropout, shuffling): python, numpy, torch CPU and CUDA."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_steps: set[int] = frozenset()) -> None:
+    """Delete all checkpoints but the ``keep_last`` newest and those of ``keep_steps`` (e.g. best val)."""
+    ckpts = list_checkpoints(run_dir)
+    newest = set(ckpts[-keep_last:]) if keep_last > 0 else set()
+    for path in ckpts:
+        step = int(_NAME.match(path.name).group(1))
+        if path not in newest and step not in keep_steps:
+            path.unlink(missing_ok=True)
+
+
+def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by a checkpoint write that was killed (they are never complete)."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        return []
+    stale = [p for p in ckpt_dir.glob(".step_*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
