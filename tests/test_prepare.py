@@ -228,7 +228,8 @@ def test_non_utf8_text(tmp_path, name, split):
         ("x.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"x.jsonl:2 is not valid JSON"),
         ("x.jsonl", b'{"body": "no text"}\n', r"x.jsonl:1 has no string 'text' field"),
         ("x.parquet", b"not parquet at all", r"x.parquet is not a readable parquet file"),
-        ("x.csv", b"a,b\n", r"unsupported file type '.csv'"),
+        ("x.txt.gz", b"\x1f\x8b\x08\x00", r"x.txt.gz is compressed \(.gz\); decompress it first"),
+        ("x.raw", b"\x1f\x8b\x08\x00\xff", r"x.raw is not UTF-8 text \(invalid byte at offset 1\)"),
     ],
 )
 def test_malformed_files(tmp_path, name, content, message):

@@ -21,6 +21,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -44,6 +45,14 @@ BATCH_CHARS = 1 << 18  # documents are sent to the workers in batches of about t
 PARTIAL_SUFFIX = ".partial"
 
 
+def available_cores() -> int:
+    """Cores this process may run on (respects CPU affinity, e.g. under a batch scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _encode_documents(texts: list[str]) -> np.ndarray:
     """EOT + tokens of each document, concatenated (runs in a worker process)."""
     enc = get_tokenizer()
@@ -52,6 +61,11 @@ def _encode_documents(texts: list[str]) -> np.ndarray:
         tokens.append(EOT_TOKEN_ID)
         tokens.extend(enc.encode_ordinary(text))
     return np.array(tokens, dtype=np.uint16)
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C is handled once, by the parent (which stops the pool), not as a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _document_batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -82,7 +96,8 @@ def encode_stream(documents: Iterable[str], workers: int) -> Iterator[np.ndarray
         return
     get_tokenizer()  # build it once before forking so the workers inherit it
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint) as pool:
         pending: collections.deque[Future] = collections.deque()
         try:
             for batch in batches:
@@ -195,8 +210,8 @@ def prepare_corpus(
     ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
+    workers = available_cores() if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     out_dir = Path(out_dir)
     _prepare_output_dir(out_dir, overwrite)

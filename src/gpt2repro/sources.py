@@ -4,6 +4,8 @@
   a real English corpus present on every machine, one document per topic.
 * ``file_documents``: ``.txt`` (one document per file, or per blank-line-separated paragraph), ``.jsonl`` (a
   ``text`` field per line) and ``.parquet`` (a ``text`` column), given as files, directories or globs.
+  Directories and globs pick only those three suffixes; a file named explicitly with another suffix (e.g.
+  WikiText's ``.raw``) is read as plain text.
 * ``fineweb_documents``: FineWeb-Edu streamed with Hugging Face ``datasets`` (or a local copy of its parquet
   or jsonl files through the same code).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from gpt2repro.errors import UserError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT")
 
@@ -47,11 +50,9 @@ def resolve_files(paths: Sequence[str]) -> list[Path]:
             if not found:
                 raise UserError(f"directory {path} holds no {'/'.join(FILE_SUFFIXES)} file")
         elif path.is_file():
-            if path.suffix not in FILE_SUFFIXES:
-                raise UserError(
-                    f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}"
-                )
-            found = [path]
+            if path.suffix in COMPRESSED_SUFFIXES:
+                raise UserError(f"{path} is compressed ({path.suffix}); decompress it first")
+            found = [path]  # any suffix but .jsonl/.parquet is read as plain text
         else:
             raise UserError(f"{path} does not exist")
         files.extend(found)
@@ -61,12 +62,12 @@ def resolve_files(paths: Sequence[str]) -> list[Path]:
 def file_documents(paths: Sequence[str], *, split_on_blank_lines: bool = False) -> Iterator[str]:
     """Documents of local files (see ``resolve_files``), file by file."""
     for path in resolve_files(paths):
-        if path.suffix == ".txt":
-            yield from _txt_documents(path, split_on_blank_lines)
-        elif path.suffix == ".jsonl":
+        if path.suffix == ".jsonl":
             yield from _jsonl_documents(path)
-        else:
+        elif path.suffix == ".parquet":
             yield from _parquet_documents(path)
+        else:
+            yield from _txt_documents(path, split_on_blank_lines)
 
 
 def _not_utf8(path: Path, where: str) -> UserError:
