@@ -121,6 +121,27 @@ def log_path(run_dir: str | Path) -> Path:
     return log_file
 
 
+def _parse_line(line: str) -> tuple[object | None, bool]:
+    """A log line's record, and whether a torn fragment was dropped from it.
+
+    A process killed mid-write leaves a fragment without a newline; the resumed process then appends its
+    first record to that same line. That record is recovered: it is the JSON object ending the line.
+    """
+    try:
+        return json.loads(line), False
+    except json.JSONDecodeError:
+        pass
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(line) if ch == "{" and i > 0):
+        try:
+            record, end = decoder.raw_decode(line, start)
+        except json.JSONDecodeError:
+            continue
+        if not line[end:].strip():
+            return record, True
+    return None, True
+
+
 def read_log(run_dir: str | Path) -> tuple[dict[int, dict], dict[int, dict], int]:
     """Train and eval records keyed by step (last one wins), plus the number of unreadable lines skipped.
 
@@ -136,13 +157,13 @@ def read_log(run_dir: str | Path) -> tuple[dict[int, dict], dict[int, dict], int
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            is_last = lineno == len(lines) or not any(rest.strip() for rest in lines[lineno:])
-            if not is_last:
-                log.warning("%s:%d: skipping a line that is not valid JSON", path, lineno)
+        record, torn = _parse_line(line)
+        if torn:
             skipped += 1
+            is_last = not any(rest.strip() for rest in lines[lineno:])
+            if not is_last:
+                log.warning("%s:%d: skipping a partial record (a run killed mid-write)", path, lineno)
+        if record is None:
             continue
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, int) or isinstance(step, bool):

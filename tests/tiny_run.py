@@ -1,0 +1,38 @@
+"""A real, seconds-long training run for the tests that read run directories (plot, inspect).
+
+Prepares a slice of the embedded corpus, trains gpt2-micro for 6 steps with a checkpoint at step 3, then
+simulates a crash after step 6 (its checkpoint removed) and resumes: the log holds steps 4-6 twice, exactly
+as a real resumed run leaves it. The run is made once per test process and shared (read-only) by every
+test module that asks for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2repro.checkpoint import checkpoint_path
+from gpt2repro.prepare import prepare_corpus
+from gpt2repro.sources import embedded_documents
+from gpt2repro.train import train
+
+MAX_STEPS = 6
+_made: list[Path] = []
+
+
+def make_tiny_run(root: Path) -> Path:
+    """The run directory (under ``root`` the first time it is made in this process)."""
+    if _made and _made[0].is_dir():
+        return _made[0]
+    data, run = root / "data", root / "run"
+    prepare_corpus(embedded_documents(), data, source_name="embedded", max_tokens=40_000,
+                   val_tokens=4_096, workers=1)
+    overrides = dict(
+        model="gpt2-micro", data=str(data), out=str(run), device="cpu", dtype="fp32", compile="false",
+        seq_len=32, micro_batch=4, total_batch=128, max_steps=MAX_STEPS, lr=3e-3, warmup_steps=2,
+        eval_every=3, eval_tokens=256, checkpoint_every=3, log_every=1, sample_every=0, num_samples=0,
+    )
+    train(None, overrides)
+    checkpoint_path(run, MAX_STEPS).unlink()  # "crashed" after logging step 6, before its checkpoint
+    train(None, {"out": str(run)}, resume="auto")
+    _made[:] = [run]
+    return run
