@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -16,6 +17,8 @@ from gpt2repro.data import (
     read_shard,
     shard_paths,
     val_batches,
+    validate_shard,
+    verify_dataset,
     write_shard,
 )
 from gpt2repro.errors import UserError
@@ -28,6 +31,10 @@ def llmc_shard_bytes(tokens: list[int] | np.ndarray, *, magic=20240520, version=
     header = np.zeros(256, dtype="<i4")
     header[:3] = (magic, version, len(tokens) if count is None else count)
     return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_documents(num_docs: int, seed: int = 0) -> list[np.ndarray]:
@@ -52,7 +59,8 @@ def write_dataset(tmp_path, stream: np.ndarray, cuts: list[int], *, val: np.ndar
 
 
 @pytest.fixture
-def dataset(tmp_path):
+def dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr("gpt2repro.data.MAX_OPEN_SHARDS", 2)  # shard memory maps are closed and reopened
     docs = make_documents(120)
     stream = np.concatenate(docs)
     # Uneven shards: cuts inside documents and one exactly on a document boundary.
@@ -86,9 +94,7 @@ def test_llmc_shard_layout_matches_hand_written_header(tmp_path):
     ours = tmp_path / "ours.bin"
     digest = write_shard(ours, tokens.astype(np.int64))
     assert ours.read_bytes() == by_hand.read_bytes()
-    import hashlib
-
-    assert digest == hashlib.sha256(by_hand.read_bytes()).hexdigest()
+    assert digest == sha256_of(by_hand)
     assert not list(tmp_path.glob(".*"))  # no temp file left behind
 
 
@@ -323,3 +329,24 @@ def test_state_from_other_data_is_refused(dataset, tmp_path_factory):
         TokenLoader(data_dir, "train", 1, 8).load_state_dict(state)
     with pytest.raises(UserError, match="not made by TokenLoader"):
         TokenLoader(data_dir, "train", 1, 8).load_state_dict({"step": 3})
+
+
+def test_verify_dataset_checks_every_token_and_the_manifest_sha256(dataset):
+    data_dir, stream = dataset
+    shards = [
+        {"name": p.name, "split": split, "tokens": len(read_shard(p)), "sha256": sha256_of(p)}
+        for split in ("train", "val")
+        for p in shard_paths(data_dir, split)
+    ]
+    (data_dir / "manifest.json").write_text(json.dumps({"shards": shards}))
+    assert verify_dataset(data_dir) == {"train": len(stream), "val": 500}
+    path = data_dir / "t_train_000002.bin"
+    tokens = np.array(read_shard(path))
+    tokens[3] = (int(tokens[3]) + 1) % EOT  # still a valid id: only the checksum can tell
+    path.write_bytes(llmc_shard_bytes(tokens))
+    with pytest.raises(UserError, match=r"t_train_000002.bin does not match the sha256 in manifest.json"):
+        verify_dataset(data_dir)
+    tokens[5] = 65535
+    path.write_bytes(llmc_shard_bytes(tokens))
+    with pytest.raises(UserError, match=r"t_train_000002.bin contains token id 65535 >= 50257"):
+        validate_shard(path)

@@ -14,7 +14,7 @@ import pytest
 
 from gpt2repro import prepare, sources
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches
+from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches, verify_dataset
 from gpt2repro.errors import UserError
 from gpt2repro.tokenizer import EOT, get_tokenizer
 
@@ -75,6 +75,7 @@ def test_files_round_trip_in_order(tmp_path):
     assert all(s["tokens"] <= 50 for s in manifest["shards"])
     for shard in manifest["shards"]:
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert verify_dataset(out) == manifest["num_tokens"]
 
     loader = TokenLoader(out, "train", 2, 16, shuffle=False)
     x, y = loader.next_batch()

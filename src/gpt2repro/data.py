@@ -50,6 +50,7 @@ SPLITS = ("train", "val")
 # Documents are shuffled within windows of this many tokens of a shard (~16 MB of uint16): reads stay local in
 # the memory map while the order within a window is fully random.
 DOC_SHUFFLE_WINDOW = 1 << 23
+MAX_OPEN_SHARDS = 8
 
 PathLike = str | os.PathLike
 
@@ -130,6 +131,44 @@ def _read_npy_shard(path: Path) -> np.ndarray:
     return array
 
 
+def validate_shard(path: PathLike) -> int:
+    """Check a whole shard (header and every token id, reading it all); returns its token count."""
+    tokens = read_shard(path)
+    for start in range(0, len(tokens), 1 << 24):
+        chunk = tokens[start : start + (1 << 24)]
+        if int(chunk.max()) >= VOCAB_SIZE:
+            raise UserError(_bad_token_message(path, int(chunk.max())))
+    return len(tokens)
+
+
+def _bad_token_message(path: PathLike, token: int) -> str:
+    return (
+        f"{path} contains token id {token} >= {VOCAB_SIZE} (GPT-2's vocabulary): the file is corrupt or was "
+        "made with another tokenizer; re-create it with `gpt2repro prepare`"
+    )
+
+
+def verify_dataset(data_dir: PathLike) -> dict[str, int]:
+    """Validate every shard of ``data_dir`` (and its manifest sha256, if any); returns tokens per split."""
+    manifest = read_manifest(data_dir) or {"shards": []}
+    expected = {s["name"]: s.get("sha256") for s in manifest["shards"]}
+    counts = {}
+    for split in SPLITS:
+        counts[split] = 0
+        for path in shard_paths(data_dir, split):
+            counts[split] += validate_shard(path)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+            if expected.get(path.name) not in (None, digest.hexdigest()):
+                raise UserError(
+                    f"{path} does not match the sha256 in {MANIFEST_NAME}: the file changed or is corrupt; "
+                    "re-create the dataset with `gpt2repro prepare --overwrite`"
+                )
+    return counts
+
+
 def shard_paths(data_dir: PathLike, split: str) -> list[Path]:
     """The ``split`` shards of ``data_dir`` (``*train*.bin``/``.npy`` or ``*val*``), sorted by name."""
     if split not in SPLITS:
@@ -190,18 +229,27 @@ class _ShardStream:
 
     def __init__(self, paths: list[Path], *, shuffle: bool, seed: int):
         self.paths = paths
-        self.shards = [read_shard(p) for p in paths]
-        self.sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.sizes = np.array([len(read_shard(p)) for p in paths], dtype=np.int64)  # validates every header
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
         self.num_tokens = int(self.sizes.sum())
         self.shuffle = shuffle
         self.seed = seed
         self._orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._layouts: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
+    def tokens(self, shard: int) -> np.ndarray:
+        """The memory map of one shard; only the few most recent stay open (each holds a file descriptor)."""
+        if shard not in self._open:
+            self._open[shard] = read_shard(self.paths[shard])
+            while len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+        self._open.move_to_end(shard)
+        return self._open[shard]
+
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard indices in this epoch's order, their start positions in the epoch stream + the end)."""
         if epoch not in self._orders:
-            n = len(self.shards)
+            n = len(self.paths)
             order = (
                 np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle else np.arange(n)
             )
@@ -215,7 +263,7 @@ class _ShardStream:
         """(segment start positions in the shuffled shard + the end, source index minus shuffled position)."""
         key = (epoch, shard)
         if key not in self._layouts:
-            tokens = self.shards[shard]
+            tokens = self.tokens(shard)
             seg_starts = np.flatnonzero(tokens == EOT_TOKEN_ID)
             if len(seg_starts) == 0 or seg_starts[0] != 0:
                 seg_starts = np.concatenate([[0], seg_starts])
@@ -229,7 +277,7 @@ class _ShardStream:
         return self._layouts[key]
 
     def _read_shard_range(self, epoch: int, shard: int, a: int, b: int) -> np.ndarray:
-        tokens = self.shards[shard]
+        tokens = self.tokens(shard)
         if not self.shuffle:
             return tokens[a:b]
         cum, delta = self._doc_layout(epoch, shard)
@@ -252,12 +300,7 @@ class _ShardStream:
             a = offset - int(starts[k])
             chunk = self._read_shard_range(epoch, int(order[k]), a, a + take)
             if int(chunk.max()) >= VOCAB_SIZE:
-                bad = int(np.flatnonzero(chunk >= VOCAB_SIZE)[0])
-                raise UserError(
-                    f"{self.paths[order[k]]} contains token id {int(chunk[bad])} >= {VOCAB_SIZE} (GPT-2's "
-                    "vocabulary): the file is corrupt or was made with another tokenizer; re-create it with "
-                    "`gpt2repro prepare`"
-                )
+                raise UserError(_bad_token_message(self.paths[order[k]], int(chunk.max())))
             out[filled : filled + take] = chunk
             filled += take
         return out
