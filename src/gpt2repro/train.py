@@ -376,7 +376,7 @@ def _hellaswag(trainer: Trainer, cfg: TrainConfig, info, device, step: int) -> d
         return None
     res = evaluate_hellaswag(trainer.raw_model, cfg.hellaswag, limit=cfg.hellaswag_limit,
                              batch_size=cfg.eval_batch or cfg.micro_batch, device=device, dtype=trainer.dtype,
-                             rank=info.rank, world_size=info.world_size)
+                             rank=info.rank, world_size=info.world_size, progress=False)
     return {"hellaswag_acc": float(res["acc"]), "hellaswag_acc_norm": float(res["acc_norm"])}
 
 
