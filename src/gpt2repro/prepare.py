@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -96,19 +96,16 @@ def encode_stream(documents: Iterable[str], workers: int) -> Iterator[np.ndarray
         return
     get_tokenizer()  # build it once before forking so the workers inherit it
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint) as pool:
-        pending: collections.deque[Future] = collections.deque()
-        try:
-            for batch in batches:
-                pending.append(pool.submit(_encode_documents, batch))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+    # multiprocessing.Pool starts every worker now, before the source is first read (and before a streaming
+    # source such as HF datasets starts its own threads), and terminates them on exit, also on an early stop.
+    with multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
+        pending: collections.deque[AsyncResult] = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_documents, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 class _ShardWriter:
