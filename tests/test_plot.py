@@ -52,7 +52,7 @@ def test_plot_cli_writes_png_of_real_run(run_dir, tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert cli.main(["plot", str(run_dir), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert png_size(out) == (1200, 800)  # 12 x 8 inches at 100 dpi: two rows of panels, no HellaSwag
+    assert png_size(out) == (1200, 1200)  # 12 x 12 inches at 100 dpi: three rows of panels
 
 
 def test_plot_figure_panels_and_data_of_real_run(run_dir, tmp_path):
@@ -66,7 +66,7 @@ def test_plot_figure_panels_and_data_of_real_run(run_dir, tmp_path):
 
     out, fig = plot_runs([run_dir], tmp_path / "p.png")
     assert out.is_file()
-    assert len(fig.axes) == 4  # loss/step, loss/tokens, lr, tokens/s (no HellaSwag logged)
+    assert len(fig.axes) == 5  # loss/step, loss/tokens, lr, tokens/s, HellaSwag
     by_title = {ax.get_title(): ax for ax in fig.axes}
     loss_ax = by_title["loss by optimizer step"]
     raw, smooth, val = loss_ax.get_lines()[:3]
@@ -78,28 +78,35 @@ def test_plot_figure_panels_and_data_of_real_run(run_dir, tmp_path):
     assert list(tokens_ax.get_lines()[0].get_xdata()) == [r["tokens"] for r in train]
     lr_line = by_title["learning rate"].get_lines()[0]
     assert list(lr_line.get_ydata()) == pytest.approx([r["lr"] for r in train])
+    throughput = by_title["throughput"].get_lines()[0]
+    assert list(throughput.get_ydata()) == pytest.approx([r["tokens_per_s"] for r in train])
+    hellaswag = by_title["HellaSwag acc_norm"]
+    logged = [(r["step"], r["hellaswag_acc_norm"]) for r in evals if "hellaswag_acc_norm" in r]
+    steps, accs = hellaswag.get_lines()[0].get_data()
+    assert logged and list(zip(steps, accs, strict=True)) == logged
+    assert {GPT2_124M_HELLASWAG, GPT3_125M_HELLASWAG} <= horizontal_lines(hellaswag)
     # the embedded corpus is not FineWeb-Edu: no GPT-2 FineWeb-Edu line
     assert GPT2_124M_FINEWEB_EDU_VAL_LOSS not in horizontal_lines(loss_ax)
 
 
-def test_plot_overlays_runs_and_hellaswag_baselines(run_dir, tmp_path):
-    """Two runs overlaid (legend by directory name); an eval record with HellaSwag adds the fifth panel."""
+def test_plot_overlays_runs_with_a_legend(run_dir, tmp_path):
+    """Two runs overlaid, named by directory; the second one's log still being written (torn last line)."""
     other = tmp_path / "other-run"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
-    last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
-    with open(other / "log.jsonl", "a") as f:
-        f.write(json.dumps(dict(step=last["step"], tokens=last["tokens"], elapsed=last["elapsed"],
-                                val_loss=5.0, hellaswag_acc=0.26, hellaswag_acc_norm=0.27)) + "\n")
+    records = (run_dir / "log.jsonl").read_text().splitlines()
+    (other / "log.jsonl").write_text("\n".join(records[:4]) + "\n" + records[4][:20])
     out, fig = plot_runs([run_dir, other], tmp_path / "both.png", log_scale=True)
     png_size(out)
     assert len(fig.axes) == 5
     by_title = {ax.get_title(): ax for ax in fig.axes}
-    labels = {t.get_text() for t in by_title["loss by optimizer step"].get_legend().get_texts()}
-    assert {f"{run_dir.name} train (EMA)", "other-run train (EMA)", "other-run val"} <= labels
-    assert by_title["loss by optimizer step"].get_yscale() == "log"
-    hs = by_title["HellaSwag acc_norm"]
-    assert {GPT2_124M_HELLASWAG, GPT3_125M_HELLASWAG} <= horizontal_lines(hs)
-    assert [tuple(line.get_ydata()) for line in hs.get_lines()][0] == (0.27,)
+    loss_ax = by_title["loss by optimizer step"]
+    labels = {t.get_text() for t in loss_ax.get_legend().get_texts()}
+    assert {f"{run_dir.name} train (EMA)", f"{run_dir.name} val", "other-run train (EMA)"} <= labels
+    assert loss_ax.get_yscale() == "log"
+    lr_lines = by_title["learning rate"].get_lines()
+    assert [line.get_label() for line in lr_lines] == [run_dir.name, "other-run"]
+    assert len(lr_lines[1].get_xdata()) == sum("train_loss" in r for r in records[:4])
+    assert lr_lines[0].get_color() != lr_lines[1].get_color()
 
 
 def test_plot_marks_fineweb_edu_runs(run_dir, tmp_path):
