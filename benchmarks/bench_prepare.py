@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -53,18 +54,20 @@ def main() -> None:
     cores = args.workers or available_cores()
     get_tokenizer()  # build the BPE once, outside both timings
 
-    peer_seconds, ours_seconds = [], []
+    peer_seconds, ours_seconds, peer_cpu, ours_cpu = [], [], [], []
     num_tokens = 0
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         num_tokens = tiktoken_loop(documents)
         peer_seconds.append(time.perf_counter() - start)
+        peer_cpu.append(cpu_seconds() - cpu)
         with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
             manifest = prepare_corpus(
                 file_documents(paths, split_on_blank_lines=True), out, source_name="bench", workers=cores
             )
             ours_seconds.append(time.perf_counter() - start)
+            ours_cpu.append(cpu_seconds() - cpu)
         assert sum(manifest["num_tokens"].values()) == num_tokens, "prepare and the peer disagree on tokens"
 
     peer, ours = num_tokens / min(peer_seconds), num_tokens / min(ours_seconds)
@@ -72,7 +75,17 @@ def main() -> None:
     print(f"tiktoken encode_ordinary loop, 1 process: {peer:,.0f} tokens/s (best of {args.repeats})")
     print(f"gpt2repro prepare, {cores} workers: {ours:,.0f} tokens/s (best of {args.repeats}, end to end)")
     print(f"ratio prepare / tiktoken loop: {ours / peer:.2f}x with {cores} worker processes")
+    print(
+        f"tokens per CPU-second (all processes): loop {num_tokens / min(peer_cpu):,.0f}, "
+        f"prepare {num_tokens / min(ours_cpu):,.0f}"
+    )
     print(f"cores: {os.cpu_count()} on the machine, load average {os.getloadavg()[0]:.1f} while measuring")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (prepare's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":
