@@ -294,6 +294,9 @@ def draw_runs(
     layout = _panel_names(runs)
     fig = Figure(figsize=(12, 4 * len(layout)), layout="constrained")
     ax = fig.subplot_mosaic(layout)
+    for name in ("lr", "throughput", "hellaswag"):  # every panel by step spans the same steps
+        if name in ax:
+            ax[name].sharex(ax["loss_step"])
     colors = [f"C{i % 10}" for i in range(len(runs))]
 
     for run, color in zip(runs, colors, strict=True):
