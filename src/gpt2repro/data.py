@@ -109,8 +109,7 @@ def read_shard(path: PathLike) -> np.ndarray:
     if count < 0 or HEADER_BYTES + 2 * count != size:
         raise UserError(
             f"{path} is truncated or corrupt: its header says {count} tokens "
-            f"({HEADER_BYTES + 2 * count} bytes) "
-            f"but the file has {size} bytes; {redo}"
+            f"({HEADER_BYTES + 2 * count} bytes) but the file has {size} bytes; {redo}"
         )
     if count == 0:
         return np.zeros(0, dtype=np.uint16)
@@ -125,8 +124,7 @@ def _read_npy_shard(path: Path) -> np.ndarray:
     if array.ndim != 1 or array.dtype != np.uint16:
         raise UserError(
             f"{path} holds a {array.dtype} array of shape {array.shape}; a .npy shard must be a 1-D "
-            "uint16 array "
-            "(build-nanogpt's format)"
+            "uint16 array (build-nanogpt's format)"
         )
     return array
 
@@ -353,9 +351,8 @@ class TokenLoader:
         if self._stream.num_tokens < need:
             raise UserError(
                 f"{self.data_dir} has {self._stream.num_tokens} {split} tokens but one step needs "
-                f"world_size*B*T+1 = "
-                f"{world_size}*{batch_size}*{seq_len}+1 = {need}: lower the batch size or sequence length, "
-                "or prepare more data"
+                f"world_size*B*T+1 = {world_size}*{batch_size}*{seq_len}+1 = {need}: lower the batch size "
+                "or sequence length, or prepare more data"
             )
         self.position = 0  # stream position of the next step's first token (rank 0's window)
 
@@ -410,11 +407,9 @@ class TokenLoader:
             ) from e
         if (num_tokens, num_shards) != (self.num_tokens, len(self._stream.paths)):
             raise UserError(
-                f"the saved data-loader state is for {num_tokens} {self.split} tokens in {num_shards} "
-                "shards, "
+                f"the saved loader state is for {num_tokens} {self.split} tokens in {num_shards} shards, "
                 f"but {self.data_dir} has {self.num_tokens} tokens in {len(self._stream.paths)} shards: "
-                "resume with "
-                "the data directory the run started with"
+                "resume with the data directory the run started with"
             )
         if (seed, shuffle) != (self.seed, self.shuffle):
             self._stream = _ShardStream(self._stream.paths, shuffle=shuffle, seed=seed)

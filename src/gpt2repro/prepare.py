@@ -225,8 +225,7 @@ def prepare_corpus(
         if total - val_count < 1 or val_count < 1:
             raise UserError(
                 f"the {source_name} corpus has {total} tokens, too few for both a val split ({val_count}) "
-                "and a "
-                "train split; give more text or a smaller --val-tokens"
+                "and a train split; give more text or a smaller --val-tokens"
             )
         shards = writer.finish()
     except BaseException:

@@ -151,22 +151,21 @@ def fineweb_documents(
         import datasets
     except ImportError as e:
         raise UserError("--source fineweb-edu needs Hugging Face datasets: `pip install datasets`") from e
+    files = [str(p) for p in resolve_files(list(data_files))] if data_files else []
+    where = f"local files {', '.join(files)}" if files else f"{dataset} subset {subset!r}"
+    suffixes = {Path(f).suffix for f in files}
+    if files and suffixes not in ({".parquet"}, {".jsonl"}):
+        raise UserError(f"--data-files must be all .parquet or all .jsonl, got {', '.join(sorted(suffixes))}")
     try:
-        if data_files:
-            files = [str(p) for p in resolve_files(list(data_files))]
-            builder = "json" if all(f.endswith(".jsonl") for f in files) else "parquet"
+        if files:
+            builder = "json" if suffixes == {".jsonl"} else "parquet"
             rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-            where = f"local files {', '.join(files)}"
         else:
             rows = datasets.load_dataset(dataset, name=subset, split="train", streaming=True)
-            where = f"{dataset} ({subset})"
-    except UserError:
-        raise
-    except Exception as e:  # network, unknown subset, missing files: say which and how to fix
+    except Exception as e:  # network, unknown subset, unreadable files: say which and how to fix
         raise UserError(
-            f"could not open {dataset} subset {subset!r}: {e}; check the subset name "
-            f"({', '.join(FINEWEB_SUBSETS)}) "
-            "and internet access, or pass local parquet files with --data-files"
+            f"could not open {where}: {e}; check the subset name ({', '.join(FINEWEB_SUBSETS)}) and internet "
+            "access, or pass local parquet files with --data-files"
         ) from e
     for row in rows:
         text = row.get("text")
