@@ -1,0 +1,218 @@
+"""The training step and loop: overfitting, gradient accumulation, DDP equivalence, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2repro import GPT
+from gpt2repro.checkpoint import latest_checkpoint, load_checkpoint
+from gpt2repro.cli import main
+from gpt2repro.prepare import prepare_corpus
+from gpt2repro.sources import embedded_documents
+from gpt2repro.tokenizer import get_tokenizer
+from gpt2repro.train import Trainer, train
+from gpt2repro.train_config import TrainConfig
+
+CPU = torch.device("cpu")
+T = 32
+
+
+@pytest.fixture
+def one_thread():
+    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare_corpus(embedded_documents(), path, source_name="embedded", max_tokens=40_000, val_tokens=4_096,
+                   workers=1)
+    return path
+
+
+def micro_config(**overrides) -> TrainConfig:
+    base = dict(model="gpt2-micro", data="unused", out="unused", seq_len=T, micro_batch=4, total_batch=4 * T,
+                max_steps=100, lr=1e-3, warmup_steps=2, dtype="fp32", compile="false", device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def text_batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    text = "\n".join(d for _, d in zip(range(5), embedded_documents(), strict=False))
+    tokens = torch.tensor(get_tokenizer().encode_ordinary(text)[: rows * T + 1])
+    return tokens[:-1].view(rows, T), tokens[1:].view(rows, T)
+
+
+def run_overrides(data: Path, out: Path, **extra) -> dict:
+    base = dict(model="gpt2-micro", data=str(data), out=str(out), device="cpu", dtype="fp32", compile="false",
+                seq_len=T, micro_batch=4, total_batch=8 * T, max_steps=5, lr=3e-3, warmup_steps=2,
+                eval_every=0, eval_tokens=512, checkpoint_every=0, sample_every=0, num_samples=0, log_every=1)
+    return {**base, **extra}
+
+
+def as_flags(overrides: dict) -> list[str]:
+    return [arg for k, v in overrides.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_overfits_a_single_batch(one_thread):
+    x, y = text_batch(4)
+    trainer = Trainer(micro_config(lr=3e-3, warmup_steps=10, min_lr_ratio=1.0, weight_decay=0.0), CPU)
+    losses = []
+    for _ in range(300):
+        losses.append(trainer.train_step(lambda: (x, y))["train_loss"])
+        if losses[-1] < 0.1:
+            break
+    assert losses[0] > 10.0 and losses[-1] < 0.1, losses[::20]
+
+
+def test_grad_accumulation_equals_one_big_batch(one_thread):
+    """One optimizer step over 4 micro-batches of B/4 = one step over B. (One step: Adam divides by
+    sqrt(v), so over many steps it amplifies float-rounding noise of gradients that are exactly zero in
+    theory, like the key bias's; the update itself is what accumulation must get right.)"""
+    x, y = text_batch(8)
+    big = Trainer(micro_config(micro_batch=8, total_batch=8 * T), CPU)
+    small = Trainer(micro_config(micro_batch=2, total_batch=8 * T), CPU)
+    assert small.grad_accum == 4 and big.grad_accum == 1
+    chunks = iter([(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
+    s_small = small.train_step(lambda: next(chunks))
+    s_big = big.train_step(lambda: (x, y))
+    assert s_small["train_loss"] == pytest.approx(s_big["train_loss"], abs=1e-6)
+    assert s_small["grad_norm"] == pytest.approx(s_big["grad_norm"], rel=1e-5)
+    for (name, a), b in zip(big.raw_model.named_parameters(), small.raw_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The key bias gets a gradient that is exactly zero in theory (softmax ignores a shift q.b_k shared by
+    all keys of a query), so its float-rounding noise, which depends on the reduction order, is all Adam
+    sees and normalises up to a visible update. Every other parameter must match."""
+    if name.endswith("attn.c_attn.bias"):
+        n = tensor.numel() // 3
+        return torch.cat([tensor[:n], tensor[2 * n :]])
+    return tensor
+
+
+def _final_params(run_dir: Path) -> dict:
+    return load_checkpoint(latest_checkpoint(run_dir))["model"]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo), micro-batch 2 and 2 micro-steps each, against one process with
+    micro-batch 4: the ranks' batches stacked are the single process's batch, so 5 steps end equal."""
+    common = dict(eval_every=5, eval_tokens=1024, checkpoint_every=5, max_steps=5)
+    ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gpt2repro", "train",
+           *as_flags(run_overrides(data_dir, ddp_run, micro_batch=2, eval_batch=2, **common))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stderr
+    cmd = [sys.executable, "-m", "gpt2repro", "train",
+           *as_flags(run_overrides(data_dir, single_run, micro_batch=4, eval_batch=4, **common))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ddp, single = _final_params(ddp_run), _final_params(single_run)
+    for name in single:
+        a, b = without_key_bias(name, ddp[name]), without_key_bias(name, single[name])
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    ddp_log, single_log = _log(ddp_run), _log(single_run)
+    assert [r["step"] for r in ddp_log if "train_loss" in r] == [1, 2, 3, 4, 5]
+    for a, b in zip(ddp_log, single_log, strict=True):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
+
+
+def test_run_directory_layout(data_dir, tmp_path, one_thread):
+    run = tmp_path / "run"
+    result = train(None, run_overrides(data_dir, run, max_steps=4, eval_every=2, checkpoint_every=2,
+                                       sample_every=4, num_samples=2, sample_tokens=8, keep_last=1))
+    assert result["step"] == 4 and math.isfinite(result["val_loss"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == str(data_dir) and config["model"] == "gpt2-micro"
+    records = _log(run)
+    train_recs = [r for r in records if "train_loss" in r]
+    eval_recs = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4] and [r["step"] for r in eval_recs] == [2, 4]
+    keys = {"step", "tokens", "elapsed", "train_loss", "lr", "grad_norm", "dt", "tokens_per_s", "mfu"}
+    assert keys <= set(train_recs[0]) and train_recs[-1]["tokens"] == 4 * 8 * T
+    assert 0 < train_recs[0]["mfu"] < 1
+    assert (run / "samples.txt").read_text().count("Hello, I'm a language model,") == 2
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    best = min(eval_recs, key=lambda r: r["val_loss"])["step"]
+    assert ckpts == sorted({f"step_{4:08d}.pt", f"step_{best:08d}.pt"})  # last 1 plus the best val
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    expected = {"model", "model_config", "step", "optimizer", "train_config", "loader", "rng", "val_loss"}
+    assert expected <= set(ckpt)
+    assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"}
+    model = GPT.from_pretrained(run)
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    flags = as_flags(run_overrides(data_dir, run, max_steps=30, lr=1e30, warmup_steps=0, grad_clip=0,
+                                   checkpoint_every=1, keep_last=1))
+    assert main(["train", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "error: loss is" in err and "last good checkpoint" in err and "Traceback" not in err
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    diverged_at = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] + 1
+    assert ckpt["step"] == diverged_at - 1
+
+
+def _one_error_line(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_is_one_clear_line(data_dir, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    base = run_overrides(data_dir, run, max_steps=2, checkpoint_every=1)
+    assert main(["train", *as_flags(base)]) == 0
+    capsys.readouterr()
+
+    # a batch size that does not divide the total batch
+    assert main(["train", *as_flags({**base, "out": str(tmp_path / "x"), "micro_batch": 3})]) == 2
+    _one_error_line(capsys, "--total-batch", "not a multiple")
+    # a missing data directory
+    missing = {**base, "out": str(tmp_path / "y"), "data": str(tmp_path / "nope")}
+    assert main(["train", *as_flags(missing)]) == 2
+    _one_error_line(capsys, "does not exist", "gpt2repro prepare")
+    # an existing run without --resume
+    assert main(["train", *as_flags(base)]) == 2
+    _one_error_line(capsys, "already holds checkpoints", "--resume")
+    # resuming with an incompatible config
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--micro-batch", "8"]) == 2
+    _one_error_line(capsys, "cannot resume", "micro-batch")
+    # an unreadable checkpoint
+    latest = latest_checkpoint(run)
+    latest.write_bytes(b"not a checkpoint")
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3"]) == 2
+    _one_error_line(capsys, "unreadable", latest.name)
+    # fp16 on CPU
+    assert main(["train", *as_flags({**base, "out": str(tmp_path / "z"), "dtype": "fp16"})]) == 2
+    _one_error_line(capsys, "fp16")
