@@ -1,4 +1,4 @@
-"""gpt2repro: OpenAI's GPT-2 reproduced end to end (model, weights, tokenizer, data, training, eval, sampling)."""
+"""gpt2repro: GPT-2 reproduced end to end (model, weights, tokenizer, data, training, eval, sampling)."""
 
 from gpt2repro.config import GPTConfig
 from gpt2repro.errors import UserError

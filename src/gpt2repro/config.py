@@ -54,7 +54,8 @@ class GPTConfig:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise UserError(
-                f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+                f"unknown attention backend {self.attn_backend!r}; "
+                f"choose one of {', '.join(ATTENTION_BACKENDS)}"
             )
 
     def to_dict(self) -> dict:

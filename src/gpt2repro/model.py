@@ -35,7 +35,8 @@ class KVCache:
     @classmethod
     def empty(cls, config: GPTConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        keys = torch.empty(shape, device=device, dtype=dtype)
+        return cls(keys, torch.empty_like(keys))
 
     @property
     def capacity(self) -> int:
@@ -189,7 +190,8 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise UserError(
-                f"sequence of {past + T} tokens is longer than the model's context of {self.config.block_size}; "
+                f"sequence of {past + T} tokens is longer than the model's context of "
+                f"{self.config.block_size}; "
                 "crop the input (generate() does this for you)"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
@@ -225,7 +227,9 @@ class GPT(nn.Module):
     def set_attention_backend(self, backend: str, layers: list[int] | None = None) -> None:
         """Choose "sdpa" or "explicit" attention for all blocks, or only for the given layer indices."""
         if backend not in ATTENTION_BACKENDS:
-            raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+            raise UserError(
+                f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         for i, block in enumerate(self.transformer.h):
             if layers is None or i in layers:
                 block.attn.backend = backend

