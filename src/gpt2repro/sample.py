@@ -7,6 +7,10 @@ depends on) the global RNG a training run is using.
 
 from __future__ import annotations
 
+import argparse
+import codecs
+import logging
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -14,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.errors import UserError
+
+log = logging.getLogger("gpt2repro")
 
 
 def check_sampling_options(
@@ -115,3 +121,110 @@ def stream_tokens(
                     return
     finally:
         model.train(was_training)
+
+
+# ====================================================================== the `gpt2repro sample` command
+DEFAULT_PROMPT = "Hello, I'm a language model,"
+
+
+def _optional_int(text: str) -> int | None:
+    """An integer, or ``none`` for no limit (argparse type of ``--top-k``)."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", default="gpt2",
+        help="Hugging Face GPT-2 directory, hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name), "
+        "checkpoint file or run directory of this project (default: gpt2)",
+    )
+    source.add_argument("--model-preset", metavar="NAME", help="a randomly initialised preset (smoke tests)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help='text to continue; "" starts a new document')
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens per sample (default 100)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the sampling RNG (default 42)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=_optional_int, default=50, help="keep the k likeliest (50; none)")
+    parser.add_argument("--top-p", type=float, default=None, help="keep the top tokens of total prob. >= p")
+    parser.add_argument("--greedy", action="store_true", help="take the likeliest token (= --temperature 0)")
+    parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where native)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, GPTConfig
+    from gpt2repro.model import GPT
+    from gpt2repro.runtime import autocast, parse_dtype, pick_device, seeded_generator
+    from gpt2repro.tokenizer import EOT, get_tokenizer
+
+    temperature = 0.0 if args.greedy else args.temperature
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_sampling_options(args.max_new_tokens, temperature, args.top_k, args.top_p)
+    device = pick_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if args.model_preset:
+        torch.manual_seed(args.seed)
+        model = GPT(GPTConfig.preset(args.model_preset))
+        log.info(f"randomly initialised {args.model_preset}: {model.num_params():,} parameters")
+    else:
+        model = GPT.from_pretrained(args.model)
+    if model.config.vocab_size > GPT2_VOCAB_SIZE:
+        raise UserError(
+            f"the model has {model.config.vocab_size} tokens; the GPT-2 tokenizer only {GPT2_VOCAB_SIZE}"
+        )
+    model.to(device).eval()
+    log.info(f"sampling on {device} in {dtype}")
+
+    enc = get_tokenizer()
+    prompt_ids = enc.encode(args.prompt, allowed_special={EOT}) or [EOT_TOKEN_ID]
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    generator = seeded_generator(args.seed, device)
+    stop = EOT_TOKEN_ID if args.stop_at_eot else None
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{args.num_samples} ---\n")
+        out.write(args.prompt)
+        out.flush()
+        text = Utf8Stream()
+        with autocast(device, dtype):
+            for token in stream_tokens(
+                model, idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                generator=generator, use_cache=not args.no_cache, stop_token=stop,
+            ):
+                token_id = int(token)
+                if token_id == stop:
+                    break
+                out.write(text.push(enc.decode_single_token_bytes(token_id)))
+                out.flush()
+        out.write(text.finish() + "\n")
+        out.flush()
+    return 0
+
+
+class Utf8Stream:
+    """Bytes of tokens in, text out as soon as it is valid UTF-8.
+
+    A GPT-2 token can end in the middle of a multi-byte character (emoji, CJK): those bytes are held
+    back until the character is complete; bytes that never form one become U+FFFD, as ``decode`` does.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def finish(self) -> str:
+        return self._decoder.decode(b"", final=True)

@@ -330,6 +330,7 @@ def _download_from_hub(name: str) -> Path:
     try:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise OSError("HF_HUB_OFFLINE is set")
+        _check_hub_reachable()
         target.mkdir(parents=True, exist_ok=True)
         for filename in files:
             if not (target / filename).is_file():
@@ -353,13 +354,33 @@ def _download_file(repo_id: str, filename: str, target: Path) -> None:
     except ImportError:
         _download_with_urllib(repo_id, filename, target)
         return
-    hf_hub_download(repo_id, filename, local_dir=target)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry chatter would bury our one-line explanation
+    try:
+        hf_hub_download(repo_id, filename, local_dir=target)
+    finally:
+        hub_log.setLevel(level)
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _check_hub_reachable() -> None:
+    """Fail in a second, not after minutes of retries, when there is no route to the hub."""
+    endpoint = _hub_endpoint()
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered: reachable
+    except (urllib.error.URLError, OSError) as e:
+        raise OSError(f"{endpoint} is unreachable: {getattr(e, 'reason', e)}") from e
 
 
 def _download_with_urllib(repo_id: str, filename: str, target: Path) -> None:
     """Fetch one file from the hub's resolve URL into ``target`` (via a temp name: never half a file)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
+    url = f"{_hub_endpoint()}/{repo_id}/resolve/main/{filename}"
     tmp = target / f".{filename}.part"
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
