@@ -1,0 +1,59 @@
+"""Two gloo processes sharding the examples give the single-process results (HellaSwag, LAMBADA, WikiText)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gpt2repro.config import GPTConfig
+from gpt2repro.evals.hellaswag import evaluate_hellaswag
+from gpt2repro.evals.lambada import evaluate_lambada
+from gpt2repro.evals.perplexity import document_perplexity, read_text
+from gpt2repro.model import GPT
+
+WORLD = 2
+
+
+def run_all(data: Path, rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2-micro")).eval()
+    common = dict(device="cpu", dtype="fp32", rank=rank, world_size=world_size, progress=False)
+    text = read_text(data / "wikitext-2-raw" / "wiki.test.raw")[:3000]
+    hellaswag = data / "hellaswag/derived-not-original/hellaswag_val_full.txt.bz2"
+    lambada = data / "lambada" / "lambada_test.jsonl"
+    return {
+        "hellaswag": evaluate_hellaswag(model, hellaswag, limit=9, batch_size=2, **common),
+        "lambada": evaluate_lambada(model, lambada, limit=7, batch_size=3, **common),
+        "wikitext2": document_perplexity(model, text, batch_size=2, **common),
+    }
+
+
+def worker(rank: int, init_file: str, data: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        result = run_all(Path(data), rank, WORLD)
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path, shared_data):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(shared_data), str(tmp_path)), nprocs=WORLD, join=True)
+    single = run_all(shared_data, 0, 1)
+    for rank in range(WORLD):
+        sharded = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for task, expected in single.items():
+            got = sharded[task]
+            assert got["n"] == expected["n"]
+            for key in ("acc", "acc_norm", "ppl", "loss", "word_ppl", "bpb"):
+                if key in expected:
+                    assert got[key] == pytest.approx(expected[key], rel=1e-6), (task, key)
+    assert single["hellaswag"]["n"] == 9 and single["lambada"]["n"] == 7
+    assert single["wikitext2"]["windows"] > 2  # both ranks really had windows to score
