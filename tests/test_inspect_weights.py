@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_plot import png_size
-from tiny_run import make_tiny_run
+from tiny_run import MAX_STEPS, make_tiny_run
 
 from gpt2repro import cli
 from gpt2repro.config import GPTConfig
@@ -92,6 +92,8 @@ def test_cli_on_trained_run_and_hf_directory(run_dir, tmp_path, capsys):
     assert cli.main(["inspect", "--model", str(run_dir), "--out", str(out), "--per-layer"]) == 0
     printed = capsys.readouterr().out
     assert "| `h.1.attn.c_attn.weight` |" in printed and str(out / "weight_heatmap.png") in printed
+    _, label = load_model(str(run_dir), None)
+    assert label == f"({run_dir.name}, step {MAX_STEPS})"
     for name in FILES:
         assert (out / name).stat().st_size > 0
     png_size(out / "weight_heatmap.png")

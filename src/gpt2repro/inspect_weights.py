@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from gpt2repro.checkpoint import is_run_dir, latest_checkpoint
 from gpt2repro.config import EOT_TOKEN_ID, PRESETS, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
@@ -243,7 +244,11 @@ def load_model(model: str | None, preset: str | None, seed: int = 1337) -> tuple
             return GPT(GPTConfig.preset(preset)), f"({preset}, fresh init)"
     net = GPT.from_pretrained(model)
     net.eval()
-    return net, f"({Path(str(model)).name or model})"
+    label = Path(str(model)).name or str(model)
+    checkpoint = latest_checkpoint(model) if is_run_dir(model) else None
+    if checkpoint is not None:  # step_00000300.pt -> "step 300"
+        label += f", step {int(checkpoint.stem.removeprefix('step_'))}"
+    return net, f"({label})"
 
 
 # ---------------------------------------------------------------- CLI

@@ -53,6 +53,12 @@ class Series:
                 ys.append(value)
         return xs, ys
 
+    def by_tokens(self, name: str) -> tuple[list[float], list[float]]:
+        """Like ``get`` but against the tokens processed at each step."""
+        tokens = dict(zip(self.steps, self.columns["tokens"], strict=True))
+        pairs = [(tokens[s], v) for s, v in zip(*self.get(name), strict=True) if tokens[s] is not None]
+        return [t for t, _ in pairs], [v for _, v in pairs]
+
     def has(self, name: str) -> bool:
         return bool(self.get(name)[0])
 
@@ -68,11 +74,6 @@ class RunLog:
     fineweb_edu: bool
     skipped_lines: int = 0
 
-    def tokens_at(self, series: Series, name: str) -> tuple[list[float], list[float]]:
-        steps, values = series.get(name)
-        tokens = dict(zip(series.steps, series.columns["tokens"], strict=True))
-        pairs = [(tokens[s], v) for s, v in zip(steps, values, strict=True) if tokens.get(s) is not None]
-        return [t for t, _ in pairs], [v for _, v in pairs]
 
 
 # ---------------------------------------------------------------- reading a run
@@ -301,7 +302,7 @@ def draw_runs(
 
     for run, color in zip(runs, colors, strict=True):
         steps, losses = run.train.get("train_loss")
-        tok_x, tok_losses = run.tokens_at(run.train, "train_loss")
+        tok_x, tok_losses = run.train.by_tokens("train_loss")
         if steps:
             ax["loss_step"].plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
             ax["loss_step"].plot(steps, ema(losses, smoothing), color=color, label=f"{run.name} train (EMA)")
@@ -310,7 +311,7 @@ def draw_runs(
             ax["loss_tokens"].plot(tok_x, ema(tok_losses, smoothing), color=color,
                                    label=f"{run.name} train (EMA)")
         val_steps, val_losses = run.evals.get("val_loss")
-        val_tok, val_tok_losses = run.tokens_at(run.evals, "val_loss")
+        val_tok, val_tok_losses = run.evals.by_tokens("val_loss")
         val_style = dict(color=color, linestyle="--", marker="o", markersize=3)
         if val_steps:
             ax["loss_step"].plot(val_steps, val_losses, label=f"{run.name} val", **val_style)
