@@ -19,28 +19,55 @@ DERIVED = "hellaswag/derived-not-original/hellaswag_val_full.txt.bz2"
 # Hand-written items in the official hellaswag_val.jsonl schema (the wording imitates real items).
 EXAMPLES = [
     {
-        "ind": 24, "activity_label": "Roof shingle removal",
-        "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+        "ind": 24,
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
         "ctx": "A man is sitting on a roof. he",
-        "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                    "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
-        "source_id": "activitynet~v_-JhWjGDPHMY", "split": "val", "split_type": "indomain", "label": 3,
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "source_id": "activitynet~v_-JhWjGDPHMY",
+        "split": "val",
+        "split_type": "indomain",
+        "label": 3,
     },
     {
-        "ind": 100, "activity_label": "Personal Care and Style",
+        "ind": 100,
+        "activity_label": "Personal Care and Style",
         "ctx_a": "[header] How to dye your hair with kool aid [title] Wash your hair.  [step] Rinse it well.",
         "ctx_b": "",
         "ctx": "[header] How to dye your hair with kool aid [title] Wash your hair.  [step] Rinse it well.",
-        "endings": ["[title] Mix the kool aid with hot water.", "Eat  the kool aid [step] slowly.",
-                    "Paint the wall [substeps] blue.", "Call a friend."],
-        "source_id": "wikihow~123", "split": "val", "split_type": "zeroshot", "label": "0",
+        "endings": [
+            "[title] Mix the kool aid with hot water.",
+            "Eat  the kool aid [step] slowly.",
+            "Paint the wall [substeps] blue.",
+            "Call a friend.",
+        ],
+        "source_id": "wikihow~123",
+        "split": "val",
+        "split_type": "zeroshot",
+        "label": "0",
     },
     {
-        "ind": 7, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down.",
-        "ctx_b": "the lady", "ctx": "A lady walks to a barbell. She bends down. the lady",
-        "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
-                    "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
-        "source_id": "activitynet~v_-lJS58hyo1c", "split": "val", "split_type": "zeroshot", "label": 3,
+        "ind": 7,
+        "activity_label": "Clean and jerk",
+        "ctx_a": "A lady walks to a barbell. She bends down.",
+        "ctx_b": "the lady",
+        "ctx": "A lady walks to a barbell. She bends down. the lady",
+        "endings": [
+            "swings and lands in her arms.",
+            "pulls the barbell forward.",
+            "pulls a rope attached to the barbell.",
+            "stands and lifts the weight over her head.",
+        ],
+        "source_id": "activitynet~v_-lJS58hyo1c",
+        "split": "val",
+        "split_type": "zeroshot",
+        "label": 3,
     },
 ]
 # What lm-evaluation-harness feeds for these items (worked out by hand from its rules).
@@ -51,8 +78,12 @@ HARNESS_CONTEXTS = [
     "Clean and jerk: A lady walks to a barbell. She bends down. The lady",
 ]
 # "[title]" at the very start has no space before it, so it is only deleted and its space stays (harness too)
-HARNESS_ENDINGS_1 = [" Mix the kool aid with hot water.", "Eat the kool aid slowly.", "Paint the wall blue.",
-                     "Call a friend."]
+HARNESS_ENDINGS_1 = [
+    " Mix the kool aid with hot water.",
+    "Eat the kool aid slowly.",
+    "Paint the wall blue.",
+    "Call a friend.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +131,8 @@ def test_completion_scorer_matches_reference_loop(model, jsonl):
         assert score.logprobs == pytest.approx(ref_sum, rel=1e-5, abs=1e-4)
         assert score.n_tokens == tuple(len(e) for e in ends)
         assert [s / n for s, n in zip(score.logprobs, score.n_tokens, strict=True)] == pytest.approx(
-            ref_mean, rel=1e-5, abs=1e-4)
+            ref_mean, rel=1e-5, abs=1e-4
+        )
         assert score.pred == max(range(4), key=lambda i: ref_sum[i])  # lowest summed loss
         assert score.pred_norm == max(range(4), key=lambda i: ref_mean[i])  # lowest mean loss
         assert score.label == int(example["label"])

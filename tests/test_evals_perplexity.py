@@ -27,8 +27,19 @@ def text(shared_data) -> str:
     return read_text(shared_data / "wikitext-2-raw" / "wiki.test.raw")[:2400]
 
 
-@pytest.mark.parametrize("n_tokens,context,stride", [(2, 8, 4), (10, 8, 8), (1000, 64, 16), (1000, 64, 64),
-                                                     (1000, 64, 1), (65, 64, 32), (66, 64, 32), (300, 7, 3)])
+@pytest.mark.parametrize(
+    "n_tokens,context,stride",
+    [
+        (2, 8, 4),
+        (10, 8, 8),
+        (1000, 64, 16),
+        (1000, 64, 64),
+        (1000, 64, 1),
+        (65, 64, 32),
+        (66, 64, 32),
+        (300, 7, 3),
+    ],
+)
 def test_windows_score_every_token_but_the_first_exactly_once(n_tokens, context, stride):
     windows = sliding_windows(n_tokens, context, stride)
     scored = [t for _, first, end in windows for t in range(first, end)]
@@ -65,8 +76,9 @@ def test_stride_equal_to_context_is_non_overlapping_chunks(model, text):
 def test_smaller_stride_gives_each_token_more_context(model, text):
     """Reference: score token t with exactly the history its window gives it, one token at a time."""
     C, S = 24, 8
-    res = document_perplexity(model, text[:400], stride=S, context=C, batch_size=2, dtype="fp32",
-                              progress=False)
+    res = document_perplexity(
+        model, text[:400], stride=S, context=C, batch_size=2, dtype="fp32", progress=False
+    )
     tokens = torch.tensor(get_tokenizer().encode_ordinary(text[:400]))
     assert res["windows"] >= 5
     nll = 0.0
