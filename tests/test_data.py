@@ -159,8 +159,10 @@ def test_document_shuffle_stays_within_windows(tmp_path, monkeypatch):
     docs = make_documents(60, seed=5)
     stream = np.concatenate(docs)
     write_dataset(tmp_path, stream, [])
-    x, _, _ = global_stream(tmp_path, 1, 1, len(stream) - 1, 2, shuffle=True, seed=2)
-    x = x[: len(stream)]
+    n = len(stream)
+    x, _, _ = global_stream(tmp_path, 1, 1, n - 1, 3, shuffle=True, seed=2)
+    assert not np.array_equal(x[:n], x[n : 2 * n])  # one shard: only the document order differs per epoch
+    x = x[:n]
     # Documents are grouped by the window their start falls in; groups keep their order.
     starts = np.flatnonzero(stream == EOT)
     group_of_id = {int(t): s // 64 for s, d in zip(starts, docs, strict=True) for t in d[1:]}

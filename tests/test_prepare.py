@@ -169,10 +169,11 @@ def test_explicit_val_tokens_and_max_tokens(tmp_path):
 
 def test_existing_output_is_refused_then_overwritten(tmp_path):
     out = tmp_path / "out"
-    prepare.prepare_corpus(DOCS, out, workers=1)
+    first = prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=10)
     with pytest.raises(UserError, match=r"already holds a prepared dataset.*--overwrite"):
         prepare.prepare_corpus(DOCS[:2], out, workers=1)
-    manifest = prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True, shard_tokens=10)
+    manifest = prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True)
+    assert len(manifest["shards"]) == 2 < len(first["shards"])
     assert manifest["num_documents"] == 2
     on_disk = sorted(p.name for p in out.iterdir())
     assert on_disk == sorted(["manifest.json", *(s["name"] for s in manifest["shards"])])
@@ -190,7 +191,8 @@ def test_interrupted_run_leaves_nothing_that_looks_valid_and_restarts_cleanly(tm
     assert_no_dataset(out)
     # A run killed hard (no cleanup at all) leaves temp files and, in the worst case, renamed shards.
     (out / ".corpus_train_000001.bin.partial").write_bytes(b"half a shard")
-    (out / "corpus_train_000007.bin").write_bytes(b"stale")
+    (out / "corpus_train_000099.bin").write_bytes(b"stale")
+    (out / "other_val_000000.npy").write_bytes(b"stale")
     manifest = prepare.prepare_corpus(DOCS, out, shard_tokens=40, workers=1)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", *(s["name"] for s in manifest["shards"])]
