@@ -256,11 +256,11 @@ def load_model(model: str | None, preset: str | None, seed: int = 1337) -> tuple
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model",
+    source.add_argument("--model", metavar="DIR_OR_NAME",
                         help="run directory, checkpoint file, Hugging Face GPT-2 directory or hub name")
-    source.add_argument("--model-preset", choices=list(PRESETS),
-                        help="a freshly initialised model of this shape")
-    parser.add_argument("--out", type=Path, required=True,
+    source.add_argument("--model-preset", choices=list(PRESETS), metavar="NAME",
+                        help=f"a freshly initialised model of this shape: {', '.join(PRESETS)}")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="directory for the PNGs and weight_stats.csv/.md")
     parser.add_argument("--seed", type=int, default=1337, help="init seed for --model-preset (default 1337)")
     parser.add_argument("--matrix", default=DEFAULT_MATRIX,

@@ -399,7 +399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories of `gpt2repro train` (or their log.jsonl files); "
                         "several are overlaid")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE.png",
                         help="PNG to write (default: RUN_DIR/plot.png for one run, ./plot.png for several)")
     parser.add_argument("--log-scale", action="store_true", help="logarithmic y axis for the loss panels")
     parser.add_argument("--smoothing", type=float, default=0.9,
