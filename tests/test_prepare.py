@@ -45,11 +45,9 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
 
 
 def assert_no_dataset(out: Path) -> None:
-    """Nothing in ``out`` looks like (part of) a complete dataset."""
+    """Nothing is left in ``out``: no shard, no manifest, no staging directory."""
     if out.exists():
-        visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]
-        assert visible == [], visible
-        assert not list(out.glob(".*.partial"))
+        assert list(out.iterdir()) == []
 
 
 def test_files_round_trip_in_order(tmp_path):
@@ -187,17 +185,28 @@ def test_interrupted_run_leaves_nothing_that_looks_valid_and_restarts_cleanly(tm
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_corpus(documents_then_interrupt(), out, shard_tokens=40, workers=1)
+        prepare.prepare_corpus(documents_then_interrupt(), out, shard_tokens=40, workers=2)
     assert_no_dataset(out)
-    # A run killed hard (no cleanup at all) leaves temp files and, in the worst case, renamed shards.
-    (out / ".corpus_train_000001.bin.partial").write_bytes(b"half a shard")
-    (out / "corpus_train_000099.bin").write_bytes(b"stale")
-    (out / "other_val_000000.npy").write_bytes(b"stale")
+    # A run killed hard (no cleanup at all) leaves its staging directory with whole and half-written shards.
+    staging = out / prepare.STAGING_DIR
+    staging.mkdir()
+    (staging / "corpus_train_000001.bin").write_bytes(b"a whole shard")
+    (staging / ".corpus_train_000002.bin.tmp").write_bytes(b"half a shard")
     manifest = prepare.prepare_corpus(DOCS, out, shard_tokens=40, workers=1)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", *(s["name"] for s in manifest["shards"])]
-    )
+    expected = ["manifest.json", *(s["name"] for s in manifest["shards"])]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     TokenLoader(out, "train", 1, 8)
+
+
+def test_shards_without_a_manifest_are_refused_unless_overwrite(tmp_path):
+    np.save(tmp_path / "edufineweb_train_000001.npy", np.zeros(10, dtype=np.uint16))  # another tool's shard
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(UserError, match=r"already holds 1 token shards without a manifest.json.*--overwrite"):
+        prepare.prepare_corpus(DOCS, tmp_path, workers=1)
+    assert (tmp_path / "edufineweb_train_000001.npy").exists()
+    manifest = prepare.prepare_corpus(DOCS, tmp_path, workers=1, overwrite=True)
+    expected = ["manifest.json", "notes.txt", *(s["name"] for s in manifest["shards"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
 
 
 # ---- bad input: one clear error naming the file and what to do, and no output that looks valid ----

@@ -7,10 +7,11 @@ more val shards if needed), the rest to ``<source>_train_000001.bin``, … (llm.
 Without ``--val-tokens`` the val split is ``min(10,485,760, 10% of the corpus)`` tokens; to know whether the
 corpus is small, the first ``10 x 10,485,760`` tokens are held in memory (~200 MB) before anything is split.
 
-Crash safety: shards are written under hidden temp names (``.NAME.partial``) and renamed only when the whole
-corpus is done; ``manifest.json`` is written last (temp + rename). So an interrupted run never leaves output
-that looks complete, and re-running over it restarts cleanly (its leftovers are removed). A directory that
-already holds a complete dataset (a manifest) is refused unless ``--overwrite`` is given.
+Crash safety: shards are written into the hidden staging directory ``OUT/.prepare-partial/`` and moved
+into ``OUT`` only when the whole corpus is done; ``manifest.json`` is written last (temp + rename). So an
+interrupted run never leaves output that looks complete, and re-running restarts cleanly (the staging
+directory is removed). An ``OUT`` that already holds shards (a complete dataset, or another tool's shards)
+is refused unless ``--overwrite`` is given, which deletes them first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -42,7 +44,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_TOKENS = 10_485_760
 SMALL_CORPUS_VAL_FRACTION = 10  # val = 1/10 of a corpus smaller than 10 x DEFAULT_VAL_TOKENS
 BATCH_CHARS = 1 << 18  # documents are sent to the workers in batches of about this many characters
-PARTIAL_SUFFIX = ".partial"
+STAGING_DIR = ".prepare-partial"
 
 
 def available_cores() -> int:
@@ -109,10 +111,11 @@ def encode_stream(documents: Iterable[str], workers: int) -> Iterator[np.ndarray
 
 
 class _ShardWriter:
-    """Cuts the token stream into val then train shards under temp names; ``finish`` makes them visible."""
+    """Cuts the tokens into val, then train shards in the staging directory; ``finish`` publishes them."""
 
     def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
         self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
+        self.staging = out_dir / STAGING_DIR
         self.buffer = np.empty(shard_tokens, dtype=np.uint16)
         self.fill = 0
         self.split = "val"
@@ -136,42 +139,48 @@ class _ShardWriter:
         if self.fill == 0:
             return
         name = f"{self.prefix}_{self.split}_{len(self.shards):06d}.bin"
-        sha256 = write_shard(self.out_dir / f".{name}{PARTIAL_SUFFIX}", self.buffer[: self.fill])
+        self.staging.mkdir(exist_ok=True)
+        sha256 = write_shard(self.staging / name, self.buffer[: self.fill])
         self.shards.append({"name": name, "split": self.split, "tokens": self.fill, "sha256": sha256})
         self.fill = 0
 
     def finish(self) -> list[dict]:
         self._flush()
         for shard in self.shards:
-            os.replace(self.out_dir / f".{shard['name']}{PARTIAL_SUFFIX}", self.out_dir / shard["name"])
+            os.replace(self.staging / shard["name"], self.out_dir / shard["name"])
+        shutil.rmtree(self.staging, ignore_errors=True)
         return self.shards
 
 
-def _is_dataset_file(path: Path) -> bool:
-    """Files a previous (possibly interrupted) prepare into this directory may have left."""
-    name = path.name
-    if name.startswith(".") and (name.endswith(PARTIAL_SUFFIX) or name.endswith(".tmp")):
-        return True
-    return path.suffix in (".bin", ".npy") and any(split in name for split in SPLITS)
-
-
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Remove an interrupted run's staging directory; refuse (or, with overwrite, delete) existing shards."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() and not overwrite else None
-    if manifest is not None:
+    if (out_dir / STAGING_DIR).exists():
+        shutil.rmtree(out_dir / STAGING_DIR)
+        log.info("removed the leftovers of an interrupted run from %s", out_dir)
+    manifest_path = out_dir / MANIFEST_NAME
+    shards = [p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+              and p.suffix in (".bin", ".npy") and any(split in p.name for split in SPLITS)]  # fmt: skip
+    if not overwrite and manifest_path.exists():
+        manifest = read_manifest(out_dir)
         raise UserError(
             f"{out_dir} already holds a prepared dataset ({manifest.get('source', '?')}, "
             f"{sum(s['tokens'] for s in manifest['shards'])} tokens); pass --overwrite to rebuild it "
             "or choose another --out"
         )
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # first, so a rebuild never looks complete half-way
-    stale = [p for p in out_dir.iterdir() if p.is_file() and _is_dataset_file(p)]
-    for path in stale:
+    if not overwrite and shards:
+        raise UserError(
+            f"{out_dir} already holds {len(shards)} token shards without a {MANIFEST_NAME} (e.g. "
+            f"{shards[0].name}: another tool's, or an interrupted run's); pass --overwrite to delete them, "
+            "or choose another --out"
+        )
+    manifest_path.unlink(missing_ok=True)  # first, so a rebuild never looks complete half-way
+    for path in shards:
         path.unlink()
-    if stale:
-        log.info("removed %d files of an earlier, incomplete or replaced run from %s", len(stale), out_dir)
+    if shards:
+        log.info("--overwrite: deleted %d shards from %s", len(shards), out_dir)
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -229,8 +238,7 @@ def prepare_corpus(
             )
         shards = writer.finish()
     except BaseException:
-        for path in out_dir.glob(f".*{PARTIAL_SUFFIX}"):
-            path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - started
     manifest = {
