@@ -61,8 +61,9 @@ def gpu_peak_flops(device: torch.device, dtype: str) -> float | None:
 def measured_cpu_peak_flops(dtype: str = "bf16", seconds: float = 0.5, n: int = 2048) -> float:
     """FLOP/s of an n x n x n matmul in ``dtype`` on this CPU with torch's current threads (cached)."""
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a = torch.randn(n, n).to(torch_dtype)
-    b = torch.randn(n, n).to(torch_dtype)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
+    a = torch.randn(n, n, generator=gen).to(torch_dtype)
+    b = torch.randn(n, n, generator=gen).to(torch_dtype)
     torch.mm(a, b)  # warm-up (thread pool, kernel selection)
     iters, start = 0, time.perf_counter()
     while True:
