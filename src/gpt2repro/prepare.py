@@ -161,8 +161,14 @@ def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(out_dir / STAGING_DIR)
         log.info("removed the leftovers of an interrupted run from %s", out_dir)
     manifest_path = out_dir / MANIFEST_NAME
-    shards = [p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-              and p.suffix in (".bin", ".npy") and any(split in p.name for split in SPLITS)]  # fmt: skip
+    shards = [
+        p
+        for p in out_dir.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix in (".bin", ".npy")
+        and any(split in p.name for split in SPLITS)
+    ]
     if not overwrite and manifest_path.exists():
         manifest = read_manifest(out_dir)
         raise UserError(
@@ -318,24 +324,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embedded: the Python Language Reference shipped with CPython (offline); files: local "
         ".txt/.jsonl/.parquet; fineweb-edu: HF datasets streaming (default: %(default)s)",
     )
-    parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory: shards + manifest.json"
+    )
     parser.add_argument(
         "--shard-tokens",
         type=int,
         default=DEFAULT_SHARD_TOKENS,
+        metavar="N",
         help="tokens per shard (default: %(default)s)",
     )
     parser.add_argument(
         "--val-tokens",
         type=int,
         default=None,
-        help=f"tokens in the val split (default: {DEFAULT_VAL_TOKENS}, or 10%% of a smaller corpus)",
+        metavar="N",
+        help=f"tokens in the val split (default: {DEFAULT_VAL_TOKENS}, or 10%% of a corpus "
+        f"smaller than {SMALL_CORPUS_VAL_FRACTION * DEFAULT_VAL_TOKENS})",
     )
-    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (a prefix)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="keep only the first N tokens of the corpus"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"tokenizer processes (default: all {available_cores()} cores; 1: in this process)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--overwrite", action="store_true", help="rebuild an output directory that is complete"
+        "--overwrite",
+        action="store_true",
+        help="delete the shards and manifest.json already in DIR, then rebuild",
     )
     parser.add_argument(
         "--split-on-blank-lines",
