@@ -259,6 +259,13 @@ def test_parquet_without_text_column(tmp_path):
         list(sources.file_documents([str(tmp_path / "x.parquet")]))
 
 
+@pytest.mark.parametrize("name", ["interval", "my/corpus", ""])
+def test_source_names_that_would_confuse_the_loader(tmp_path, name):
+    with pytest.raises(UserError, match="cannot prefix shard names"):
+        prepare.prepare_corpus(DOCS, tmp_path, source_name=name, workers=1)
+    assert_no_dataset(tmp_path)
+
+
 def test_missing_paths_and_bad_options(tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(UserError, match="does not exist"):

@@ -22,6 +22,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -222,6 +223,11 @@ def prepare_corpus(
     ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", source_name) or any(x in source_name for x in SPLITS):
+        raise UserError(
+            f"source name {source_name!r} cannot prefix shard names: use letters, digits, '.', '_', '-', "
+            "and neither 'train' nor 'val' (the loader finds shards by those words)"
+        )
     workers = available_cores() if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
