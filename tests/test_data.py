@@ -9,6 +9,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpt2repro.config import EOT_TOKEN_ID
 from gpt2repro.data import (
@@ -352,3 +354,33 @@ def test_verify_dataset_checks_every_token_and_the_manifest_sha256(dataset):
     path.write_bytes(llmc_shard_bytes(tokens))
     with pytest.raises(UserError, match=r"t_train_000002.bin contains token id 65535 >= 50257"):
         validate_shard(path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    num_docs=st.integers(1, 25),
+    cut_fractions=st.lists(st.floats(0, 1), max_size=5),
+    batch_size=st.integers(1, 3),
+    seq_len=st.integers(1, 9),
+    world_size=st.integers(1, 3),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_exactness_property(
+    tmp_path_factory, num_docs, cut_fractions, batch_size, seq_len, world_size, shuffle, seed
+):
+    """Any shard layout (empty and one-token shards included), batch geometry, world size and seed."""
+    docs = make_documents(num_docs, seed=seed % 1000)
+    stream = np.concatenate(docs)
+    n = len(stream)
+    if n < world_size * batch_size * seq_len + 1:
+        return
+    cuts = sorted(int(f * n) for f in cut_fractions)
+    data_dir = write_dataset(tmp_path_factory.mktemp("prop"), stream, cuts)
+    steps = 2 * n // (world_size * batch_size * seq_len) + 2
+    x, y, _ = global_stream(data_dir, world_size, batch_size, seq_len, steps, shuffle=shuffle, seed=seed)
+    np.testing.assert_array_equal(y[:-1], x[1:])
+    for epoch in (x[:n], x[n : 2 * n]):
+        np.testing.assert_array_equal(np.sort(epoch), np.sort(stream))
+        if not shuffle:
+            np.testing.assert_array_equal(epoch, stream)
