@@ -27,8 +27,12 @@ FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT")
 
 def embedded_documents() -> Iterator[str]:
     """The Python Language Reference, one document per topic (sorted by topic name)."""
-    from pydoc_data.topics import topics
-
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some minimal Python builds strip it
+        raise UserError(
+            "this Python has no pydoc_data module (the text of --source embedded); use --source files"
+        ) from e
     for name in sorted(topics):
         yield topics[name]
 
