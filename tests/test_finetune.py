@@ -307,6 +307,16 @@ def test_from_scratch_builds_the_preset_with_its_overrides():
     assert model.config.dropout == 0.2 and model.config.padded_vocab_size == 50304
 
 
+def test_resume_config_rebuilds_the_architecture_without_the_init_source(hf_dir, tmp_path):
+    start = initial_model(TrainConfig(init_from=str(hf_dir), block_size=16))
+    cfg = TrainConfig(init_from=str(tmp_path / "deleted-since"), dropout=0.1, activation_checkpointing=True)
+    rebuilt = initial_model(cfg, resume_config=start.config.to_dict())
+    rebuilt.load_state_dict(start.state_dict())  # same shapes: cropped context, padded vocabulary
+    assert rebuilt.config.block_size == 16 and rebuilt.config.padded_vocab_size == 50304
+    assert rebuilt.config.dropout == 0.1 and rebuilt.transformer.drop.p == 0.1
+    assert rebuilt.activation_checkpointing
+
+
 def _log(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 

@@ -29,9 +29,17 @@ SCRATCH = "scratch"
 SHAPE_OVERRIDES = ("n_layer", "n_head", "n_embd")
 
 
-def initial_model(cfg: TrainConfig) -> GPT:
-    """Build the model a run starts from (on CPU, fp32), as ``cfg.init_from`` says."""
-    if cfg.init_from == SCRATCH:
+def initial_model(cfg: TrainConfig, *, resume_config: dict | None = None) -> GPT:
+    """Build the model a run starts from (on CPU, fp32), as ``cfg.init_from`` says.
+
+    When resuming, pass the checkpoint's ``model_config`` as ``resume_config``: its architecture is rebuilt
+    (the trainer then loads the checkpoint's weights) without going back to ``init_from``, which may be a
+    download or a directory that is gone by now.
+    """
+    if resume_config is not None:
+        model = GPT(GPTConfig.from_dict(resume_config))
+        model.set_dropout(cfg.dropout)
+    elif cfg.init_from == SCRATCH:
         model = GPT(GPTConfig.preset(cfg.model, **cfg.model_overrides()))
         log.info("init from scratch: model %s, %.2fM parameters, context %d",
                  cfg.model, model.num_params() / 1e6, model.config.block_size)
