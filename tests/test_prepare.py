@@ -119,6 +119,38 @@ def test_workers_and_batching_do_not_change_the_shards(tmp_path, shared_data, mo
     )
 
 
+def test_long_documents_are_tokenized_in_pieces_with_the_tokens_of_the_whole(
+    tmp_path, shared_data, monkeypatch
+):
+    monkeypatch.setattr(sources, "MAX_PIECE_CHARS", 3_000)  # ~150 cuts in real text, in both code paths
+    monkeypatch.setattr(sources, "READ_BLOCK_BYTES", 1_001)  # multi-byte characters span blocks
+    wiki = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:300_000]
+    fineweb = (shared_data / "fineweb-edu-sample" / "fineweb_sample.txt").read_text(encoding="utf-8")[
+        :200_000
+    ]
+    (tmp_path / "a.raw").write_text(wiki, encoding="utf-8")  # streamed from disk in pieces
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": fineweb}) + "\n")  # cut in memory
+    out = tmp_path / "out"
+    assert (
+        run_prepare(
+            "--source", "files", str(tmp_path / "a.raw"), str(tmp_path / "b.jsonl"), "--out", str(out)
+        )
+        == 0
+    )
+    tokens = np.concatenate([split_tokens(out, "val"), split_tokens(out, "train")])
+    np.testing.assert_array_equal(tokens, reference_tokens([wiki, fineweb]))
+    assert json.loads((out / "manifest.json").read_text())["num_documents"] == 2
+    pieces = list(sources.document_pieces([wiki]))
+    assert "".join(pieces) == wiki and len(pieces) > 100 and all(len(p) <= 3_000 for p in pieces)
+    assert not isinstance(pieces[0], sources.Continuation)
+    assert all(isinstance(p, sources.Continuation) for p in pieces[1:])
+    no_split_point = "日本語" * 3_000  # cut hard, but nothing is lost
+    assert "".join(sources.document_pieces([no_split_point])) == no_split_point
+    (tmp_path / "bad.txt").write_bytes("é".encode() * 1_000 + b"\xff")
+    with pytest.raises(UserError, match="invalid byte at offset 2000"):
+        list(sources.file_documents([str(tmp_path / "bad.txt")]))
+
+
 def test_txt_jsonl_parquet_globs_and_blank_line_split(tmp_path):
     (tmp_path / "a.txt").write_text("para one\nstill one\n\n\n  \npara two\n\npara three")
     (tmp_path / "b.jsonl").write_text('{"text": "json one"}\n\n{"text": "json two", "id": 2}\n')

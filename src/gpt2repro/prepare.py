@@ -57,11 +57,13 @@ def available_cores() -> int:
 
 
 def _encode_documents(texts: list[str]) -> np.ndarray:
-    """EOT + tokens of each document, concatenated (runs in a worker process)."""
+    """EOT + tokens of each document, concatenated (runs in a worker process); pieces continuing a long
+    document (``sources.Continuation``) get no EOT."""
     enc = get_tokenizer()
     tokens: list[int] = []
     for text in texts:
-        tokens.append(EOT_TOKEN_ID)
+        if not isinstance(text, sources.Continuation):
+            tokens.append(EOT_TOKEN_ID)
         tokens.extend(enc.encode_ordinary(text))
     return np.array(tokens, dtype=np.uint16)
 
@@ -74,14 +76,19 @@ def _ignore_sigint() -> None:
 def _document_batches(documents: Iterable[str]) -> Iterator[list[str]]:
     batch: list[str] = []
     chars = 0
-    for text in documents:
-        if not text:
+    for document in documents:
+        if not document:
             continue  # an empty document would be a lone EOT
-        batch.append(text)
-        chars += len(text)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
+        pieces = [document]
+        if len(document) > sources.MAX_PIECE_CHARS:  # bound a worker's memory: tokenize it in pieces
+            continued = isinstance(document, sources.Continuation)
+            pieces = sources.document_pieces(pieces, continued=continued)
+        for text in pieces:
+            batch.append(text)
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
     if batch:
         yield batch
 

@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from gpt2repro.errors import UserError
@@ -23,6 +25,60 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT")
+
+
+class Continuation(str):
+    """A piece of a long document that continues the piece before it (so no ``<|endoftext|>`` in front)."""
+
+
+# Where GPT-2's pre-tokenizer splits no matter what surrounds the cut: after a newline between two non-space
+# characters, or before a space between two non-space characters (its pre-token, `` ?\p{L}+``, `` ?\p{N}+``
+# or `` ?[^\s\p{L}\p{N}]+``, starts at that space; the pre-token before it cannot take a space). Python's \s
+# covers all of Unicode's White_Space, so \S only admits cuts that the Rust regex agrees with. Cutting a long
+# document there and tokenizing the pieces gives exactly the tokens of the whole text (tests check it on real
+# text), while no worker ever holds a huge document's token list.
+_SAFE_SPLIT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+MAX_PIECE_CHARS = 1 << 22
+READ_BLOCK_BYTES = 1 << 22
+
+
+def _safe_split_point(text: str, limit: int) -> int | None:
+    """The last safe split position in ``text[limit // 2 : limit]``, searching backwards from ``limit``."""
+    span = 4096
+    while True:
+        start = max(limit // 2, limit - span)
+        last = None
+        for match in _SAFE_SPLIT.finditer(text, start, limit):
+            last = match.start()
+        if last or start == limit // 2:
+            return last or None
+        span *= 8
+
+
+def document_pieces(fragments: Iterable[str], *, continued: bool = False) -> Iterator[str]:
+    """One document given as consecutive ``fragments``, re-cut into pieces of at most ~MAX_PIECE_CHARS.
+
+    Every piece but the first is a ``Continuation`` (the first too when ``continued``). Text with no safe
+    split point for 2 x MAX_PIECE_CHARS characters is cut hard (its tokens may then differ at that cut).
+    """
+    parts: list[str] = []
+    size = 0
+    for fragment in fragments:
+        parts.append(fragment)
+        size += len(fragment)
+        while size > MAX_PIECE_CHARS:
+            text = "".join(parts)
+            cut = _safe_split_point(text, MAX_PIECE_CHARS)
+            if cut is None and size <= 2 * MAX_PIECE_CHARS:
+                parts = [text]
+                break
+            cut = cut or MAX_PIECE_CHARS
+            yield Continuation(text[:cut]) if continued else text[:cut]
+            continued = True
+            parts, size = [text[cut:]], size - cut
+    text = "".join(parts)
+    if text or not continued:
+        yield Continuation(text) if continued else text
 
 
 def embedded_documents() -> Iterator[str]:
@@ -83,10 +139,7 @@ def _not_utf8(path: Path, where: str) -> UserError:
 
 def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
     if not split_on_blank_lines:
-        try:
-            yield path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _not_utf8(path, f"invalid byte at offset {e.start}") from e
+        yield from document_pieces(_decoded_blocks(path))
         return
     paragraph: list[str] = []
     with open(path, "rb") as f:
@@ -102,6 +155,24 @@ def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
                 paragraph = []
     if paragraph:
         yield "".join(paragraph).rstrip("\r\n")
+
+
+def _decoded_blocks(path: Path) -> Iterator[str]:
+    """The text of a file, decoded in blocks (a multi-byte character may span two blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BLOCK_BYTES)
+            carried = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, f"invalid byte at offset {offset - carried + e.start}") from e
+            yield text
+            if not block:
+                return
+            offset += len(block)
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
