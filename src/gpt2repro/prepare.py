@@ -4,6 +4,10 @@ Each document becomes ``<|endoftext|>`` followed by its tokens (the GPT-2 conven
 into shards of ``--shard-tokens``: the first ``--val-tokens`` tokens go to ``<source>_val_000000.bin`` (and
 more val shards if needed), the rest to ``<source>_train_000001.bin``, … (llm.c format, see ``data.py``).
 
+Documents longer than ``sources.MAX_PIECE_CHARS`` (4M characters; a big .txt file is one document) are read
+and tokenized in pieces cut where GPT-2's pre-tokenizer always splits, so memory stays bounded and the tokens
+are exactly those of the whole text.
+
 Without ``--val-tokens`` the val split is ``min(10,485,760, 10% of the corpus)`` tokens; to know whether the
 corpus is small, the first ``10 x 10,485,760`` tokens are held in memory (~200 MB) before anything is split.
 
