@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,14 @@ def test_files_round_trip_in_order(tmp_path):
     np.testing.assert_array_equal(y.flatten().numpy(), train[1:33])
     (vx, _), *_ = val_batches(out, 1, 29)
     np.testing.assert_array_equal(vx.flatten().numpy(), val[:29])
+
+
+def test_both_encoding_paths_give_the_reference_tokens():
+    enc = get_tokenizer()
+    old_tiktoken = types.SimpleNamespace(encode_ordinary=enc.encode_ordinary)  # no encode_to_numpy (< 0.8)
+    for doc in DOCS:
+        for encoder in (enc, old_tiktoken):
+            assert prepare._encode_ordinary(encoder, doc).tolist() == enc.encode_ordinary(doc)
 
 
 def test_embedded_source_is_offline_and_large():

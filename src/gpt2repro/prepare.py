@@ -64,12 +64,21 @@ def _encode_documents(texts: list[str]) -> np.ndarray:
     """EOT + tokens of each document, concatenated (runs in a worker process); pieces continuing a long
     document (``sources.Continuation``) get no EOT."""
     enc = get_tokenizer()
-    tokens: list[int] = []
+    eot = np.array([EOT_TOKEN_ID], dtype=np.uint32)
+    parts = []
     for text in texts:
         if not isinstance(text, sources.Continuation):
-            tokens.append(EOT_TOKEN_ID)
-        tokens.extend(enc.encode_ordinary(text))
-    return np.array(tokens, dtype=np.uint16)
+            parts.append(eot)
+        parts.append(_encode_ordinary(enc, text))
+    return np.concatenate(parts).astype(np.uint16)
+
+
+def _encode_ordinary(enc, text: str) -> np.ndarray:
+    """``enc.encode_ordinary`` as a uint32 array; tiktoken >= 0.8 builds it without a Python list (~10% less
+    CPU). Special-token text such as "<|endoftext|>" stays ordinary text either way."""
+    if hasattr(enc, "encode_to_numpy"):
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return np.array(enc.encode_ordinary(text), dtype=np.uint32)
 
 
 def _ignore_sigint() -> None:
