@@ -197,6 +197,11 @@ def test_fineweb_edu_code_path_offline(tmp_path):
     assert manifest["source"] == "fineweb-edu" and manifest["source_info"]["max_tokens"] == 1000
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
     assert list(sources.fineweb_documents(data_files=[str(tmp_path / "rows.jsonl")])) == texts[:3]
+    (tmp_path / "001_00000.parquet").write_bytes(b"cut off mid-download")
+    with pytest.raises(
+        UserError, match=r"reading local files .* failed after 200 documents .*check the files"
+    ):
+        list(sources.fineweb_documents(data_files=[files]))
     with pytest.raises(UserError, match="must be all .parquet or all .jsonl"):
         list(sources.fineweb_documents(data_files=[str(tmp_path / "rows.jsonl"), files]))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -238,11 +239,22 @@ def fineweb_documents(
         else:
             rows = datasets.load_dataset(dataset, name=subset, split="train", streaming=True)
     except Exception as e:  # network, unknown subset, unreadable files: say which and how to fix
-        raise UserError(
-            f"could not open {where}: {e}; check the subset name ({', '.join(FINEWEB_SUBSETS)}) and internet "
-            "access, or pass local parquet files with --data-files"
-        ) from e
-    for row in rows:
+        subsets = ", ".join(FINEWEB_SUBSETS)
+        hint = (
+            "check them"
+            if files
+            else f"check the subset ({subsets}) and internet access, or use --data-files"
+        )
+        raise UserError(f"could not open {where}: {e}; {hint}") from e
+    iterator = iter(rows)
+    for count in itertools.count():
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:  # a dropped connection hours into a download: one line, not a traceback
+            retry = "check the files" if files else "run it again"
+            raise UserError(f"reading {where} failed after {count} documents ({e}); {retry}") from e
         text = row.get("text")
         if not isinstance(text, str):
             raise UserError(f"a row of {where} has no string 'text' field (keys: {', '.join(row)})")
