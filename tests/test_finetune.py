@@ -326,7 +326,8 @@ def test_fine_tune_through_the_cli_then_load_and_export_the_run(hf_dir, one_batc
     args = ["train", "--preset", "finetune", "--init-from", str(hf_dir), "--data", str(one_batch_data),
             "--out", str(run_dir), "--seq-len", str(SEQ_LEN), "--micro-batch", "2",
             "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--max-steps", "5", "--lr", "3e-3",
-            "--dtype", "fp32", "--eval-every", "0", "--checkpoint-every", "0", "--num-samples", "0"]
+            "--dtype", "fp32", "--eval-every", "0", "--checkpoint-every", "0", "--num-samples", "0",
+            "--activation-checkpointing", "true"]
     assert main(args) == 0
 
     # Step 1's loss is the directory's weights on the (only) training batch: the run started from them.
@@ -377,6 +378,9 @@ def test_cli_reports_a_conflict_and_fp16_on_cpu_in_one_line(hf_dir, one_batch_da
     assert main([*base, "--n-embd", "48"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--n-embd 48 (checkpoint: 32)" in err
+    assert main([*base[:4], str(tmp_path / "missing"), *base[5:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--init-from {tmp_path / 'missing'}: " in err
     assert main([*base, "--dtype", "fp16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fp16 is for CUDA GPUs" in err

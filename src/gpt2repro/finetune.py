@@ -51,7 +51,10 @@ def initial_model(cfg: TrainConfig, *, resume_config: dict | None = None) -> GPT
 
 def _from_pretrained(cfg: TrainConfig) -> GPT:
     source = cfg.init_from
-    model = GPT.from_pretrained(source)
+    try:
+        model = GPT.from_pretrained(source)
+    except UserError as e:
+        raise UserError(f"--init-from {source}: {e}") from e
     loaded = model.config
     _check_compatible(cfg, loaded)
     if cfg.block_size is not None and cfg.block_size != loaded.block_size:
