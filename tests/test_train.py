@@ -168,6 +168,14 @@ def test_run_directory_layout(data_dir, tmp_path, one_thread):
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
+def test_time_limit_finishes_early_and_resume_completes(data_dir, tmp_path, one_thread):
+    run = tmp_path / "run"
+    first = train(None, run_overrides(data_dir, run, max_steps=3, time_limit=1e-9, eval_every=0))
+    assert first["step"] == 1 and first["val_loss"] is not None  # stopped after step 1, evaluated, saved
+    assert load_checkpoint(latest_checkpoint(run))["step"] == 1
+    assert train(None, {"out": str(run), "time_limit": 0}, resume="auto")["step"] == 3
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, capsys, one_thread):
     run = tmp_path / "run"
     flags = as_flags(run_overrides(data_dir, run, max_steps=30, lr=1e30, warmup_steps=0, grad_clip=0,

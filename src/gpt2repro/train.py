@@ -310,7 +310,8 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
         progress["elapsed"] = time.perf_counter() - wall0
         tok_s = cfg.total_batch / dt
         util = mfu(tok_s / info.world_size, raw.config, cfg.seq_len, peak)
-        last = step == cfg.max_steps
+        out_of_time = _out_of_time(cfg, t_start, info)
+        last = step == cfg.max_steps or out_of_time
         if step % cfg.log_every == 0 or last or step == start_step + 1:
             rec = {"step": step, "tokens": progress["tokens"], "elapsed": round(progress["elapsed"], 3),
                    **stats, "dt": dt, "tokens_per_s": tok_s, "mfu": util}
@@ -321,7 +322,7 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
                      step, cfg.max_steps, stats["train_loss"], stats["lr"], stats["grad_norm"], dt * 1e3,
                      tok_s, f"{util * 100:.1f}%" if util is not None else "n/a", _fmt_time(eta))
         if _due(step, cfg.eval_every, last):
-            _evaluate(trainer, cfg, info, device, writer, progress, step)
+            _evaluate(trainer, cfg, info, device, writer, progress, step, last)
         if _due(step, cfg.sample_every, last) and info.is_main and cfg.num_samples > 0:
             texts = sample_texts(raw, cfg, device, trainer.dtype)
             writer.samples(step, texts)
@@ -329,10 +330,26 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
                 log.info("sample: %r", t)
         if _due(step, cfg.checkpoint_every, last):
             last_ckpt = _save(trainer, cfg, info, loader, writer, progress, step)
+        if out_of_time and step < cfg.max_steps:
+            log.info("time limit of %gs reached at step %d/%d: stopping here (--resume continues the run)",
+                     cfg.time_limit, step, cfg.max_steps)
+            break
     if info.is_main:
         log.info("done: %d steps, %.0f s; val loss %s; run directory %s", trainer.step, progress["elapsed"],
                  f"{progress['val_loss']:.4f}" if progress["val_loss"] is not None else "n/a", cfg.out)
     return {"step": trainer.step, "val_loss": progress["val_loss"], "checkpoint": str(last_ckpt)}
+
+
+def _out_of_time(cfg: TrainConfig, t_start: float, info) -> bool:
+    """``time_limit`` reached (rank 0's clock decides, so every rank stops at the same step)."""
+    if cfg.time_limit <= 0:
+        return False
+    flag = torch.tensor(float(time.perf_counter() - t_start >= cfg.time_limit))
+    if info.enabled:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _due(step: int, every: int, last: bool) -> bool:
@@ -346,7 +363,8 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _evaluate(trainer: Trainer, cfg: TrainConfig, info, device, writer: RunWriter, progress: dict, step: int):
+def _evaluate(trainer: Trainer, cfg: TrainConfig, info, device, writer: RunWriter, progress: dict, step: int,
+              last: bool) -> None:
     from gpt2repro.evals.val import val_loss
 
     t0 = time.perf_counter()
@@ -357,7 +375,7 @@ def _evaluate(trainer: Trainer, cfg: TrainConfig, info, device, writer: RunWrite
            "val_loss": result["loss"]}
     progress["val_loss"], progress["val_step"] = result["loss"], step
     msg = f"eval step {step}: val loss {result['loss']:.4f} ({result['tokens']:,} tokens"
-    hella = _hellaswag(trainer, cfg, info, device, step)
+    hella = _hellaswag(trainer, cfg, info, device, step, last)
     if hella:
         rec.update(hella)
         msg += f"; hellaswag acc_norm {hella['hellaswag_acc_norm']:.4f}"
@@ -365,9 +383,9 @@ def _evaluate(trainer: Trainer, cfg: TrainConfig, info, device, writer: RunWrite
     log.info("%s, %.1fs)", msg, time.perf_counter() - t0)
 
 
-def _hellaswag(trainer: Trainer, cfg: TrainConfig, info, device, step: int) -> dict | None:
+def _hellaswag(trainer: Trainer, cfg: TrainConfig, info, device, step: int, last: bool) -> dict | None:
     every = cfg.hellaswag_every or cfg.eval_every
-    if not cfg.hellaswag or not _due(step, every, step == cfg.max_steps):
+    if not cfg.hellaswag or not _due(step, every, last):
         return None
     try:
         from gpt2repro.evals.hellaswag import evaluate_hellaswag

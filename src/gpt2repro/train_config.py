@@ -67,6 +67,7 @@ class TrainConfig:
     eval_tokens: int = 10_485_760  # tokens of the fixed val set (all ranks together)
     eval_batch: int | None = None  # sequences per eval forward pass; None = micro_batch
     log_every: int = 1
+    time_limit: float = 0.0  # seconds of training per invocation; when reached, finish early (0 = no limit)
     checkpoint_every: int = 5000  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept besides the best-val one
     keep_best: bool = True
@@ -115,7 +116,7 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {value}")
         nonneg = ["warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_tokens",
-                  "checkpoint_every", "keep_last", "sample_every", "num_samples", "seed"]
+                  "checkpoint_every", "keep_last", "sample_every", "num_samples", "seed", "time_limit"]
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
