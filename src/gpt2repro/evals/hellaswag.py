@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from gpt2repro.errors import UserError
 from gpt2repro.evals.downloads import HELLASWAG_VAL, fetch
-from gpt2repro.evals.scoring import progress_bar, score_shared_contexts, shard, sum_across_ranks
+from gpt2repro.evals.scoring import progress_bar, score_continuations, shard, sum_across_ranks
 from gpt2repro.tokenizer import get_tokenizer
 
 STYLES = ("completion", "harness")
@@ -227,17 +227,21 @@ def score_hellaswag(
     dtype: str = "fp32",
     progress: bool = False,
 ) -> list[HellaSwagScore]:
-    """Per-item candidate scores; ``batch_size`` items share a forward pass, each context run once."""
-    groups = []
-    for item in items:
-        pairs = candidate_tokens(item, style)
-        groups.append((pairs[0][0], [ending for _, ending in pairs]))  # the 4 pairs share the context tokens
+    """Per-item candidate scores; ``batch_size`` items (4 candidates each) share a forward pass."""
+    requests = [pair for item in items for pair in candidate_tokens(item, style)]
     with progress_bar(len(items), f"hellaswag ({style})", progress) as bar:
-        scores = score_shared_contexts(
-            model, groups, batch_size=batch_size, device=device, dtype=dtype, progress=bar
+        scores = score_continuations(
+            model,
+            requests,
+            batch_size=batch_size * N_ENDINGS,
+            device=device,
+            dtype=dtype,
+            progress=bar,
+            requests_per_item=N_ENDINGS,
         )
     out = []
-    for item, cands in zip(items, scores, strict=True):
+    for k, item in enumerate(items):
+        cands = scores[k * N_ENDINGS : (k + 1) * N_ENDINGS]
         logprobs = tuple(c.logprob for c in cands)
         n_tokens = tuple(c.n_tokens for c in cands)
         n_chars = tuple(len(e) for e in item.harness_endings)

@@ -138,7 +138,11 @@ def _score_batch(gpt: nn.Module, chunk, device: torch.device, dtype: str) -> lis
     idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
     with score_only(gpt, scored), autocast(device, dtype):
         logits, _ = gpt(idx)
-    token_logprob, token_hit = _token_scores(logits, targets[scored])  # rows in (batch, position) order
+    logits = logits.float()  # (N, V), rows in (batch, position) order
+    wanted = targets[scored]
+    # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
+    token_logprob = logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
+    token_hit = logits.argmax(dim=-1) == wanted
     counts = scored.sum(dim=1).tolist()
     sums = torch.split(token_logprob.double(), counts)
     hits = torch.split(token_hit, counts)
@@ -146,100 +150,6 @@ def _score_batch(gpt: nn.Module, chunk, device: torch.device, dtype: str) -> lis
         ContinuationScore(float(s.sum()), n, bool(h.all()))
         for s, h, n in zip(sums, hits, counts, strict=True)
     ]
-
-
-def _token_scores(logits: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of ``wanted`` under each row of ``logits`` (N, V), and whether it is the argmax.
-
-    log_softmax picked at the targets, without materialising the (N, V) log-probabilities.
-    """
-    logits = logits.float()
-    token_logprob = logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
-    return token_logprob.double(), logits.argmax(dim=-1) == wanted
-
-
-def score_shared_contexts(
-    model: nn.Module,
-    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-    *,
-    batch_size: int,
-    device: torch.device | str,
-    dtype: str = "fp32",
-    progress: tqdm | None = None,
-) -> list[list[ContinuationScore]]:
-    """Score several continuations of one context (HellaSwag's 4 endings) running the context only once.
-
-    Groups whose contexts have the same token count are batched (``batch_size`` groups per pass): the
-    contexts are prefilled into a KV cache, which is then repeated once per continuation, and the
-    continuations are fed right-padded on top of it. Scores equal ``score_continuations`` on the
-    (context, continuation) pairs; a context too long for the block size is cut from the left so that
-    its longest continuation fits.
-    """
-    device = torch.device(device)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    results: list[list[ContinuationScore] | None] = [None] * len(groups)
-    with evaluation_mode(model) as gpt:
-        max_len = gpt.config.block_size + 1
-        buckets: dict[tuple[int, int], list[tuple[int, list[int], list[list[int]]]]] = {}
-        for g, (context, continuations) in enumerate(groups):
-            conts = [list(c) for c in continuations]
-            if not conts or any(len(c) == 0 for c in conts):
-                raise ValueError(f"group {g} has no continuations or an empty one")
-            ctx = fit_context(context, max(conts, key=len), max_len)
-            buckets.setdefault((len(ctx), len(conts)), []).append((g, ctx, conts))
-        for key in sorted(buckets, reverse=True):
-            bucket = buckets[key]
-            for start in range(0, len(bucket), batch_size):
-                chunk = bucket[start : start + batch_size]
-                for (g, _, _), scores in zip(
-                    chunk, _score_group_batch(gpt, chunk, device, dtype), strict=True
-                ):
-                    results[g] = scores
-                if progress is not None:
-                    progress.update(len(chunk))
-    return results  # type: ignore[return-value]
-
-
-def _score_group_batch(
-    gpt: nn.Module, chunk, device: torch.device, dtype: str
-) -> list[list[ContinuationScore]]:
-    n_groups, n_cont = len(chunk), len(chunk[0][2])
-    conts = [c for _, _, cs in chunk for c in cs]  # (group, continuation) order
-    longest = max(len(c) for c in conts)
-    contexts = torch.tensor([ctx for _, ctx, _ in chunk], dtype=torch.long, device=device)
-    last = torch.zeros(contexts.shape, dtype=torch.bool, device=device)
-    last[:, -1] = True
-    with autocast(device, dtype):
-        cache = gpt.new_cache(n_groups, max_len=contexts.shape[1] + longest - 1)
-        with score_only(gpt, last):
-            first_logits, _ = gpt(
-                contexts, cache=cache
-            )  # (groups, V): predicts every continuation's 1st token
-        first_wanted = torch.tensor([c[0] for c in conts], device=device)
-        first_lp, first_hit = _token_scores(first_logits.repeat_interleave(n_cont, dim=0), first_wanted)
-        rest_lp = torch.zeros((len(conts), max(longest - 1, 1)), dtype=torch.float64, device=device)
-        rest_hit = torch.ones(rest_lp.shape, dtype=torch.bool, device=device)
-        if longest > 1:
-            idx = torch.zeros((len(conts), longest - 1), dtype=torch.long)
-            targets = torch.zeros((len(conts), longest - 1), dtype=torch.long)
-            scored = torch.zeros((len(conts), longest - 1), dtype=torch.bool)
-            for r, c in enumerate(conts):
-                t = torch.tensor(c, dtype=torch.long)
-                idx[r, : len(c) - 1], targets[r, : len(c) - 1], scored[r, : len(c) - 1] = t[:-1], t[1:], True
-            idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
-            cache.keys = cache.keys.repeat_interleave(
-                n_cont, dim=1
-            )  # one copy of the context per continuation
-            cache.values = cache.values.repeat_interleave(n_cont, dim=1)
-            with score_only(gpt, scored):
-                logits, _ = gpt(idx, cache=cache)
-            lp, hit = _token_scores(logits, targets[scored])
-            rest_lp[scored], rest_hit[scored] = lp, hit
-    logprob = (first_lp + rest_lp.sum(dim=1)).tolist()
-    hit = (first_hit & rest_hit.all(dim=1)).tolist()
-    scores = [ContinuationScore(lp, len(c), h) for lp, c, h in zip(logprob, conts, hit, strict=True)]
-    return [scores[i * n_cont : (i + 1) * n_cont] for i in range(n_groups)]
 
 
 # ---------------------------------------------------------------------------------------------- sharding
