@@ -10,6 +10,8 @@
 
 Input: the official ``hellaswag_val.jsonl`` (downloaded and cached when online), or the plain-text
 derived file made for llama.cpp (6 lines per item, already harness-preprocessed; harness style only).
+The derived file keeps ``ctx_b`` in lower case ("... on a roof. he" where the harness feeds "He"), so
+its scores are close to, not identical with, the harness's.
 """
 
 from __future__ import annotations
