@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import json
 import math
 import os
@@ -141,10 +142,14 @@ def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
 
 
-def test_run_directory_layout(data_dir, tmp_path, one_thread):
+def test_run_directory_layout(data_dir, tmp_path, one_thread, shared_data):
     run = tmp_path / "run"
+    full = shared_data / "hellaswag" / "derived-not-original" / "hellaswag_val_full.txt.bz2"
+    hellaswag = tmp_path / "hellaswag_first8.txt"  # 8 items x 6 lines: parsing all 10,042 takes long
+    hellaswag.write_text("".join(bz2.open(full, "rt").readlines()[:48]))
     result = train(None, run_overrides(data_dir, run, max_steps=4, eval_every=2, checkpoint_every=2,
-                                       sample_every=4, num_samples=2, sample_tokens=8, keep_last=1))
+                                       sample_every=4, num_samples=2, sample_tokens=8, keep_last=1,
+                                       hellaswag=str(hellaswag), hellaswag_every=4))
     assert result["step"] == 4 and math.isfinite(result["val_loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == str(data_dir) and config["model"] == "gpt2-micro"
@@ -152,6 +157,7 @@ def test_run_directory_layout(data_dir, tmp_path, one_thread):
     train_recs = [r for r in records if "train_loss" in r]
     eval_recs = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4] and [r["step"] for r in eval_recs] == [2, 4]
+    assert "hellaswag_acc" not in eval_recs[0] and 0 <= eval_recs[1]["hellaswag_acc_norm"] <= 1
     keys = {"step", "tokens", "elapsed", "train_loss", "lr", "grad_norm", "dt", "tokens_per_s", "mfu"}
     assert keys <= set(train_recs[0]) and train_recs[-1]["tokens"] == 4 * 8 * T
     assert 0 < train_recs[0]["mfu"] < 1
