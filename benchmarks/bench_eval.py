@@ -8,7 +8,7 @@ The official hellaswag_val.jsonl is not available offline, so both modes run on 
 (harness-style contexts/endings) from ../shared/data; the scoring work is the same as on the jsonl.
 Random-weight GPT-2 124M (the released weights cannot be downloaded here), CPU, fp32 unless --dtype.
 
-    .venv/bin/python benchmarks/bench_eval.py [--items 500] [--batch-size 16] [--dtype fp32]
+    .venv/bin/python benchmarks/bench_eval.py [--items 500] [--batch-size 16] [--dtype fp32] [--chunk 100]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward of the batched scorer")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk", type=int, default=100, help="items per alternation between the two modes")
     p.add_argument("--data", default=str(DERIVED))
     args = p.parse_args()
 
@@ -73,13 +74,19 @@ def main() -> None:
     score_hellaswag(model, items[:8], style=style, batch_size=4, device=device, dtype=args.dtype)  # warm-up
     one_example_at_a_time(model, items[:2], args.dtype, device)
 
-    t0 = time.perf_counter()
-    peer = one_example_at_a_time(model, items, args.dtype, device)
-    t_peer = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = score_hellaswag(model, items, style=style, batch_size=args.batch_size, device=device,
-                           dtype=args.dtype)
-    t_ours = time.perf_counter() - t0
+    # The two modes alternate over chunks of items, so a change in machine load hits both alike.
+    peer, ours, t_peer, t_ours = [], [], 0.0, 0.0
+    for start in range(0, len(items), args.chunk):
+        chunk = items[start : start + args.chunk]
+        t0 = time.perf_counter()
+        peer += one_example_at_a_time(model, chunk, args.dtype, device)
+        t_peer += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours += score_hellaswag(model, chunk, style=style, batch_size=args.batch_size, device=device,
+                                dtype=args.dtype)
+        t_ours += time.perf_counter() - t0
+        print(f"  {start + len(chunk)}/{len(items)}: {t_peer:.1f}s one at a time, {t_ours:.1f}s batched",
+              flush=True)
 
     # harness acc_norm divides by characters, build-nanogpt's by tokens: compare the acc (summed) predictions
     agree = sum(o.pred == p_[0] for o, p_ in zip(ours, peer, strict=True))
