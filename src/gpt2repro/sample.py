@@ -25,8 +25,8 @@ log = logging.getLogger("gpt2repro")
 def check_sampling_options(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
@@ -95,29 +95,35 @@ def stream_tokens(
             stacklevel=3,
         )
         idx = idx[:, -block_size:]
+    B, T = idx.shape
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            context = idx
-            done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+            # All tokens so far in one pre-allocated buffer (no per-step torch.cat of the whole context).
+            tokens = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+            tokens[:, :T] = idx
+            length = T
+            done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if stop_token is not None else None
             cache = None
             for _ in range(max_new_tokens):
+                window = tokens[:, max(0, length - block_size) : length]
                 if not use_cache:
-                    logits, _ = model(context[:, -block_size:])
+                    logits, _ = model(window, last_only=True)
                 elif cache is None or cache.length >= block_size:
                     # prefill (again, once the window is full: positions shift, so old keys are stale)
-                    cache = model.new_cache(idx.size(0))
-                    logits, _ = model(context[:, -block_size:], cache=cache)
+                    cache = model.new_cache(B)
+                    logits, _ = model(window, cache=cache, last_only=True)
                 else:
-                    logits, _ = model(context[:, -1:], cache=cache)
+                    logits, _ = model(tokens[:, length - 1 : length], cache=cache)
                 token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-                if stop_token is not None:
+                if done is not None:
                     token = torch.where(done, torch.full_like(token, stop_token), token)
                     done |= token == stop_token
-                context = torch.cat([context, token], dim=1)
+                tokens[:, length : length + 1] = token
+                length += 1
                 yield token
-                if stop_token is not None and bool(done.all()):
+                if done is not None and bool(done.all()):
                     return
     finally:
         model.train(was_training)
