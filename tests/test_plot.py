@@ -18,6 +18,7 @@ from gpt2repro.plot import (
     GPT2_124M_FINEWEB_EDU_VAL_LOSS,
     GPT2_124M_HELLASWAG,
     GPT3_125M_HELLASWAG,
+    auto_smoothing,
     ema,
     load_run,
     plot_runs,
@@ -179,3 +180,9 @@ def test_ema_matches_pandas_adjusted_ewm():
     assert ema(values, 0.0) == values
     with pytest.raises(UserError):
         ema(values, 1.0)
+
+
+def test_auto_smoothing_window_follows_log_length():
+    assert auto_smoothing(6) == 0.0  # a handful of points: drawn as logged
+    assert auto_smoothing(300) == pytest.approx(1 - 1 / 30)  # 30-point window
+    assert auto_smoothing(19073) == pytest.approx(0.99)  # capped at 100 points
