@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import json
 from pathlib import Path
 
@@ -17,27 +18,36 @@ from gpt2repro.evals.perplexity import document_perplexity, read_text
 from gpt2repro.model import GPT
 
 WORLD = 2
+DERIVED = "hellaswag/derived-not-original/hellaswag_val_full.txt.bz2"
 
 
-def run_all(data: Path, rank: int, world_size: int) -> dict:
+def write_inputs(shared_data: Path, out: Path) -> Path:
+    """Small copies of the three data files, so the spawned processes do not each unpack the bz2."""
+    out.mkdir()
+    derived = bz2.decompress((shared_data / DERIVED).read_bytes()).decode("utf-8").split("\n")
+    (out / "hellaswag.txt").write_text("\n".join(derived[: 9 * 6]) + "\n")
+    lambada = (shared_data / "lambada" / "lambada_test.jsonl").read_text(encoding="utf-8").splitlines()
+    (out / "lambada.jsonl").write_text("\n".join(lambada[:7]) + "\n")
+    (out / "wiki.txt").write_text(read_text(shared_data / "wikitext-2-raw" / "wiki.test.raw")[:3000])
+    return out
+
+
+def run_all(inputs: Path, rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-micro")).eval()
     common = dict(device="cpu", dtype="fp32", rank=rank, world_size=world_size, progress=False)
-    text = read_text(data / "wikitext-2-raw" / "wiki.test.raw")[:3000]
-    hellaswag = data / "hellaswag/derived-not-original/hellaswag_val_full.txt.bz2"
-    lambada = data / "lambada" / "lambada_test.jsonl"
     return {
-        "hellaswag": evaluate_hellaswag(model, hellaswag, limit=9, batch_size=2, **common),
-        "lambada": evaluate_lambada(model, lambada, limit=7, batch_size=3, **common),
-        "wikitext2": document_perplexity(model, text, batch_size=2, **common),
+        "hellaswag": evaluate_hellaswag(model, inputs / "hellaswag.txt", batch_size=2, **common),
+        "lambada": evaluate_lambada(model, inputs / "lambada.jsonl", batch_size=3, **common),
+        "wikitext2": document_perplexity(model, read_text(inputs / "wiki.txt"), batch_size=2, **common),
     }
 
 
-def worker(rank: int, init_file: str, data: str, out_dir: str) -> None:
+def worker(rank: int, init_file: str, inputs: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        result = run_all(Path(data), rank, WORLD)
+        result = run_all(Path(inputs), rank, WORLD)
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -45,8 +55,9 @@ def worker(rank: int, init_file: str, data: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path, shared_data):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(shared_data), str(tmp_path)), nprocs=WORLD, join=True)
-    single = run_all(shared_data, 0, 1)
+    inputs = write_inputs(shared_data, tmp_path / "inputs")
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(inputs), str(tmp_path)), nprocs=WORLD, join=True)
+    single = run_all(inputs, 0, 1)
     for rank in range(WORLD):
         sharded = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for task, expected in single.items():
