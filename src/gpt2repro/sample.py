@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -63,6 +64,8 @@ def next_token(
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:  # e.g. MPS has no torch.Generator
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
@@ -196,27 +199,33 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = enc.encode(args.prompt, allowed_special={EOT}) or [EOT_TOKEN_ID]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     generator = seeded_generator(args.seed, device)
-    stop = EOT_TOKEN_ID if args.stop_at_eot else None
-    out = sys.stdout
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{args.num_samples} ---\n")
-        out.write(args.prompt)
-        out.flush()
-        text = Utf8Stream()
-        with autocast(device, dtype):
-            for token in stream_tokens(
-                model, idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                generator=generator, use_cache=not args.no_cache, stop_token=stop,
-            ):
-                token_id = int(token)
-                if token_id == stop:
-                    break
-                out.write(text.push(enc.decode_single_token_bytes(token_id)))
-                out.flush()
-        out.write(text.finish() + "\n")
-        out.flush()
+    options = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                   use_cache=not args.no_cache, stop_token=EOT_TOKEN_ID if args.stop_at_eot else None)
+    try:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                sys.stdout.write(f"{chr(10) if i else ''}--- sample {i + 1}/{args.num_samples} ---\n")
+            with autocast(device, dtype):
+                print_sample(model, enc, args.prompt, idx, args.max_new_tokens, options)
+    except BrokenPipeError:  # `gpt2repro sample ... | head`: the reader left, nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def print_sample(model, enc, prompt: str, idx: torch.Tensor, max_new_tokens: int, options: dict) -> None:
+    """Write the prompt, then each token's text as soon as it is complete UTF-8 (flushed: a live stream)."""
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    text = Utf8Stream()
+    for token in stream_tokens(model, idx, max_new_tokens, **options):
+        token_id = int(token)
+        if token_id == options["stop_token"]:
+            break
+        out.write(text.push(enc.decode_single_token_bytes(token_id)))
+        out.flush()
+    out.write(text.finish() + "\n")
+    out.flush()
 
 
 class Utf8Stream:
