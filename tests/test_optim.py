@@ -46,7 +46,8 @@ def test_cosine_part_matches_torch_cosine_annealing():
 def test_param_groups_match_build_nanogpt_124m():
     """build-nanogpt's log for GPT-2 124M (vocab 50304): 50 decayed tensors with 124,354,560 parameters,
     98 non-decayed tensors with 121,344 parameters."""
-    model = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=64))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT(GPTConfig.preset("gpt2", vocab_pad_multiple=64))
     decay, no_decay = param_groups(model, 0.1)
     assert len(decay["params"]) == 50 and sum(p.numel() for p in decay["params"]) == 124_354_560
     assert len(no_decay["params"]) == 98 and sum(p.numel() for p in no_decay["params"]) == 121_344
