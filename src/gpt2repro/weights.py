@@ -110,16 +110,14 @@ def hf_state_dict_to_ours(hf_sd: dict[str, torch.Tensor], config: GPTConfig, sou
         if name not in expected:
             unexpected.append(key)
             continue
-        if name.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != expected[name]:
-            shape = tuple(tensor.t().shape) if name.endswith(CONV1D_WEIGHTS) else tuple(tensor.shape)
-            want = expected[name][::-1] if name.endswith(CONV1D_WEIGHTS) else expected[name]
+        conv1d = name.endswith(CONV1D_WEIGHTS)
+        want = expected[name][::-1] if conv1d else expected[name]  # in the file's (HF's) layout
+        if tuple(tensor.shape) != want:
             raise UserError(
-                f"tensor {key!r} in {source} has shape {shape}, expected {want} for this config "
-                "(is config.json the one these weights were saved with?)"
+                f"tensor {key!r} in {source} has shape {tuple(tensor.shape)}, expected {want} "
+                "for this config (is config.json the one these weights were saved with?)"
             )
-        ours[name] = tensor
+        ours[name] = tensor.t() if conv1d else tensor
     if unexpected:
         raise UserError(f"{source} holds tensor(s) GPT-2 does not have: {', '.join(sorted(unexpected)[:5])}")
     missing = [name for name in expected if name not in ours]
