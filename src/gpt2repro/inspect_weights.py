@@ -187,8 +187,9 @@ def weight_heatmap_figure(model: GPT, name: str = DEFAULT_MATRIX, size: int = DE
     limit = float(np.percentile(np.abs(block), 99.5)) or 1e-12  # a few outliers must not wash it out
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(block, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.85)
+    # aspect="auto": a non-square block (a narrow model's 128 rows) still fills the panel beside its colorbar
+    image = ax.imshow(block, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax)
     rows, cols = block.shape
     ax.set_title(f"{key}[:{rows}, :{cols}] {label}".strip(), fontsize="medium")
     ax.set_xlabel("output feature" if key.endswith(CONV1D_WEIGHTS) else "column")
