@@ -3,7 +3,11 @@
 Random-weight GPT-2 124M (the same weights in both models), batch 1, a short prompt, 256 new tokens.
 All three produce the same tokens (checked); the figures are tokens per second of the timed runs.
 
-    .venv/bin/python benchmarks/bench_generate.py [--new-tokens 256] [--repeats 3] [--threads N]
+    .venv/bin/python benchmarks/bench_generate.py [--new-tokens 256] [--repeats 2] [--threads N]
+
+On a CPU shared with other busy processes, every multi-threaded op waits at its thread barrier for a
+descheduled thread (~10 ms per op here), so a decoding step costs "ops x barrier" rather than its
+memory traffic; ``--threads 1`` measures the loops themselves.
 """
 
 from __future__ import annotations
