@@ -430,3 +430,20 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(hf_dir):
         torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
     losses = [trainer.train_step(next_batch)["train_loss"] for _ in range(6)]
     assert losses[-1] < stats["train_loss"] - 0.3, losses  # then fp16 steps fit the repeated batch
+
+
+def test_resuming_a_fine_tune_does_not_need_the_init_source_any_more(hf_dir, one_batch_data, tmp_path):
+    """--resume rebuilds the checkpoint's architecture: the HF directory it started from may be gone."""
+    import shutil
+
+    source = tmp_path / "downloaded"
+    shutil.copytree(hf_dir, source)
+    run = tmp_path / "run"
+    common = ["--data", str(one_batch_data), "--seq-len", str(SEQ_LEN), "--micro-batch", str(MICRO_BATCH),
+              "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--dtype", "fp32", "--eval-every", "0",
+              "--num-samples", "0", "--checkpoint-every", "1", "--out", str(run)]
+    first = ["train", "--preset", "finetune", "--init-from", str(source), "--max-steps", "1"]
+    assert main([*first, *common]) == 0
+    shutil.rmtree(source)
+    assert main(["train", "--resume", "--max-steps", "2", *common]) == 0
+    assert [r["step"] for r in _log(run) if "train_loss" in r] == [1, 2]

@@ -124,9 +124,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_steps: set[int] = frozenset()) -> None:
-    """Delete all checkpoints but the ``keep_last`` newest and those of ``keep_steps`` (e.g. best val)."""
+    """Delete all checkpoints but the ``keep_last`` newest and those of ``keep_steps`` (e.g. best val).
+
+    The newest one always survives when nothing else would: a run must stay resumable."""
     ckpts = list_checkpoints(run_dir)
     newest = set(ckpts[-keep_last:]) if keep_last > 0 else set()
+    if ckpts and not newest and not any(checkpoint_step(p) in keep_steps for p in ckpts):
+        newest = {ckpts[-1]}
     for path in ckpts:
         step = int(_NAME.match(path.name).group(1))
         if path not in newest and step not in keep_steps:

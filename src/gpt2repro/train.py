@@ -54,24 +54,26 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf: stop before the optimizer step corrupts the parameters."""
 
 
-def build_model(cfg: TrainConfig):
-    """The model a run starts from (fine-tuning's ``initial_model`` knows every ``init_from``)."""
+def build_model(cfg: TrainConfig, resume_config: dict | None = None):
+    """The model a run starts from (fine-tuning's ``initial_model`` knows every ``init_from``). A resumed
+    run rebuilds the checkpoint's architecture instead of going back to ``init_from`` (which may be gone)."""
     from gpt2repro.finetune import initial_model
 
-    return initial_model(cfg)
+    return initial_model(cfg, resume_config=resume_config)
 
 
 class Trainer:
     """Model, optimizer and the optimizer step; knows nothing of files, so tests can drive it directly."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, dist_info: distributed.DistInfo | None = None):
+    def __init__(self, cfg: TrainConfig, device: torch.device, dist_info: distributed.DistInfo | None = None,
+                 resume_config: dict | None = None):
         self.cfg = cfg
         self.device = device
         self.dist = dist_info or distributed.DistInfo()
         self.dtype = parse_dtype(cfg.dtype, device)
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        self.raw_model = build_model(cfg).to(device)
+        self.raw_model = build_model(cfg, resume_config).to(device)
         if cfg.seq_len > self.raw_model.config.block_size:
             raise UserError(
                 f"--seq-len {cfg.seq_len} is longer than the model's context "
@@ -268,7 +270,7 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    trainer = Trainer(cfg, device, info)
+    trainer = Trainer(cfg, device, info, saved["model_config"] if saved is not None else None)
     loader = TokenLoader(cfg.data, "train", cfg.micro_batch, cfg.seq_len, rank=info.rank,
                          world_size=info.world_size, shuffle=cfg.shuffle, seed=cfg.seed)
     writer = RunWriter(Path(cfg.out), info.is_main)
