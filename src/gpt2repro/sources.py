@@ -143,17 +143,12 @@ def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
         yield from document_pieces(_decoded_blocks(path))
         return
     paragraph: list[str] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _not_utf8(path, f"line {lineno}") from e
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph).rstrip("\r\n")
-                paragraph = []
+    for _, line in _utf8_lines(path):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph).rstrip("\r\n")
+            paragraph = []
     if paragraph:
         yield "".join(paragraph).rstrip("\r\n")
 
@@ -176,26 +171,32 @@ def _decoded_blocks(path: Path) -> Iterator[str]:
             offset += len(block)
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a UTF-8 file, with one clear error at the first bad line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise _not_utf8(path, f"line {lineno}") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(
-                    f"{path}:{lineno} is not valid JSON ({e}); each line must be one JSON object"
-                ) from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(
-                    f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": …}}"
-                )
-            yield record["text"]
+            yield lineno, line
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise UserError(
+                f"{path}:{lineno} is not valid JSON ({e}); each line must be one JSON object"
+            ) from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(
+                f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": …}}"
+            )
+        yield record["text"]
 
 
 def _parquet_documents(path: Path) -> Iterator[str]:
