@@ -19,10 +19,10 @@ import torch
 from matplotlib.figure import Figure
 
 from gpt2repro.checkpoint import is_run_dir, latest_checkpoint
-from gpt2repro.config import EOT_TOKEN_ID, PRESETS, GPTConfig
+from gpt2repro.config import EOT_TOKEN_ID, PRESETS
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
-from gpt2repro.weights import CONV1D_WEIGHTS
+from gpt2repro.weights import CONV1D_WEIGHTS, load_or_init
 
 DEFAULT_MATRIX = "h.0.attn.c_attn.weight"
 DEFAULT_MATRIX_SIZE = 300
@@ -239,12 +239,9 @@ def inspect_model(
 
 def load_model(model: str | None, preset: str | None, seed: int = 1337) -> tuple[GPT, str]:
     """The model to inspect and a short label: saved weights, or a fresh (seeded) init of a preset."""
+    net = load_or_init(model, preset, seed).eval()
     if preset is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return GPT(GPTConfig.preset(preset)), f"({preset}, fresh init)"
-    net = GPT.from_pretrained(model)
-    net.eval()
+        return net, f"({preset}, fresh init)"
     label = Path(str(model)).name or str(model)
     checkpoint = latest_checkpoint(model) if is_run_dir(model) else None
     if checkpoint is not None:  # step_00000300.pt -> "step 300"

@@ -169,10 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, GPTConfig
-    from gpt2repro.model import GPT
+    from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE
     from gpt2repro.runtime import autocast, parse_dtype, pick_device, seeded_generator
     from gpt2repro.tokenizer import EOT, get_tokenizer
+    from gpt2repro.weights import load_or_init
 
     temperature = 0.0 if args.greedy else args.temperature
     if args.num_samples < 1:
@@ -182,12 +182,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_options(args.max_new_tokens, temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype, device)
-    if args.model_preset:
-        torch.manual_seed(args.seed)
-        model = GPT(GPTConfig.preset(args.model_preset))
-        log.info(f"randomly initialised {args.model_preset}: {model.num_params():,} parameters")
-    else:
-        model = GPT.from_pretrained(args.model)
+    model = load_or_init(args.model, args.model_preset, args.seed)
     if model.config.vocab_size > GPT2_VOCAB_SIZE:
         raise UserError(
             f"the model has {model.config.vocab_size} tokens; the GPT-2 tokenizer only {GPT2_VOCAB_SIZE}"

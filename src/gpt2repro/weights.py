@@ -64,6 +64,20 @@ def load_pretrained(
     return model
 
 
+def load_or_init(name_or_dir: str | os.PathLike | None, preset: str | None = None, seed: int = 1337):
+    """What the CLI's ``--model X`` / ``--model-preset NAME`` name: saved weights, or a fresh init of a preset
+    seeded with ``seed`` (without disturbing the global RNG), for smoke tests and benchmarks."""
+    from gpt2repro.model import GPT
+
+    if preset is None:
+        return load_pretrained(name_or_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig.preset(preset))
+    log.info(f"randomly initialised {preset} (seed {seed}): {model.num_params():,} parameters")
+    return model
+
+
 def hf_config_to_gpt_config(hf: dict, source: str | Path) -> GPTConfig:
     """Map a ``GPT2Config`` dict onto ours, refusing variants whose math differs from GPT-2's."""
     where = f"config {source}"

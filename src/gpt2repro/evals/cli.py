@@ -78,15 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    from gpt2repro.config import GPTConfig
-    from gpt2repro.model import GPT
+    from gpt2repro.weights import load_or_init
 
-    if args.model_preset:
-        torch.manual_seed(args.seed)
-        model = GPT(GPTConfig.preset(args.model_preset))
-    else:
-        model = GPT.from_pretrained(args.model)
-    return model.to(device).eval()
+    return load_or_init(args.model, args.model_preset, args.seed).to(device).eval()
 
 
 def run_task(args: argparse.Namespace, model, device: torch.device, dtype: str, info) -> dict:
