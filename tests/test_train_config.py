@@ -46,6 +46,14 @@ def test_command_line_overrides_win_and_are_typed():
     assert cfg.seq_len == load_preset("tiny")["seq_len"]  # untouched fields keep the preset's value
 
 
+def test_no_shuffle_flag_means_strictly_sequential():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--preset", "tiny", "--data", "d", "--out", "o"]
+    assert resolve("tiny", overrides_from_args(parser.parse_args(base))).shuffle is True
+    assert resolve("tiny", overrides_from_args(parser.parse_args([*base, "--no-shuffle"]))).shuffle is False
+
+
 def test_every_field_has_a_flag():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -207,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from the latest checkpoint of --out (or of a run dir / checkpoint PATH)",
     )
     add_field_arguments(parser)
+    parser.add_argument("--no-shuffle", dest="field_shuffle", action="store_const", const="false",
+                        help="read the data strictly in order (same as --shuffle false)")
     parser.epilog = "Example: gpt2repro train --preset tiny --data data/embedded --out runs/tiny"
 
 
