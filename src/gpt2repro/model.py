@@ -179,15 +179,18 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) -> logits (B, T, vocab_size) and, given targets (B, T), the mean cross-entropy.
 
         Targets equal to -1 are ignored. With a ``cache`` the positions continue after the cached ones and
         the cache is advanced by T. ``last_only`` returns logits (B, 1, vocab_size) of the last position
-        only: decoding needs no more, and the head is the largest matmul of a prefill.
+        only: decoding needs no more, and the head is the largest matmul of a prefill. Likewise a boolean
+        ``positions`` mask (B, T) returns logits (N, vocab_size) of its N True positions only, in (batch,
+        position) order: zero-shot scoring never needs the logits of the context.
         """
-        if last_only and targets is not None:
-            raise UserError("last_only=True gives no loss: it computes the logits of the last position only")
+        if (last_only or positions is not None) and targets is not None:
+            raise UserError("last_only/positions give no loss: they compute some positions' logits only")
         if idx.dim() != 2:
             raise UserError(f"expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -212,6 +215,8 @@ class GPT(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:, :]
+        elif positions is not None:
+            x = x[positions]
         x = self.transformer.ln_f(x)
         # Padded vocabulary rows (if any) exist for matmul speed only: they never reach a probability.
         logits = self.lm_head(x)[..., : self.config.vocab_size]

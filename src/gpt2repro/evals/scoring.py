@@ -54,25 +54,6 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def score_only(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Make ``model(idx)`` return logits (N, vocab) for the N True entries of ``positions`` (B, T) only.
-
-    The LM head costs as much per token as a third of GPT-2 124M's blocks, and most positions of a
-    zero-shot task are context that is never scored. A forward hook on the final LayerNorm keeps just the
-    scored hidden states, so the head, the float32 upcast and the log-softmax run on those alone.
-    """
-
-    def keep_scored(module, inputs, output):
-        return output[positions]
-
-    handle = model.transformer.ln_f.register_forward_hook(keep_scored)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def fit_context(context: Sequence[int], continuation: Sequence[int], max_len: int) -> list[int]:
     """The context to feed: EOT if empty (as lm-eval-harness), left-truncated to fit ``max_len`` in all."""
     keep = max_len - len(continuation)
@@ -136,8 +117,8 @@ def _score_batch(gpt: nn.Module, chunk, device: torch.device, dtype: str) -> lis
         targets[r, : len(t) - 1] = t[1:]
         scored[r, len(t) - 1 - n_cont : len(t) - 1] = True
     idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
-    with score_only(gpt, scored), autocast(device, dtype):
-        logits, _ = gpt(idx)
+    with autocast(device, dtype):
+        logits, _ = gpt(idx, positions=scored)  # the head runs on the scored positions only
     logits = logits.float()  # (N, V), rows in (batch, position) order
     wanted = targets[scored]
     # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
