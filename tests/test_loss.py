@@ -1,0 +1,66 @@
+"""The blockwise cross-entropy against torch's F.cross_entropy on the real-vocabulary slice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt2repro.loss as loss_module
+from gpt2repro.loss import cross_entropy
+
+
+def reference(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    real = logits[..., :vocab_size].reshape(-1, vocab_size).float()
+    return F.cross_entropy(real, targets.reshape(-1), ignore_index=-1)
+
+
+def loss_and_grad(fn, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, upstream: float):
+    x = logits.clone().requires_grad_()
+    loss = fn(x, targets, vocab_size)
+    (loss * upstream).backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_matches_f_cross_entropy(dtype, tol, padded, monkeypatch):
+    monkeypatch.setattr(loss_module, "_BLOCK_ELEMENTS", 1000)  # many blocks, and a ragged last one
+    vocab, width = 301, (320 if padded else 301)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, width, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (3, 7), generator=gen)
+    targets[0, 2] = targets[2, 6] = -1
+    got, got_grad = loss_and_grad(cross_entropy, logits, targets, vocab, upstream=0.7)
+    want, want_grad = loss_and_grad(reference, logits, targets, vocab, upstream=0.7)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= tol * abs(want.item())
+    assert got_grad.dtype == dtype and got_grad.shape == logits.shape
+    # bf16 gradients are rounded once either way; allow one bf16 ulp of the largest entry
+    grad_tol = 1e-7 if dtype == torch.float32 else 2 ** -8 * want_grad.abs().max().item()
+    assert (got_grad.float() - want_grad.float()).abs().max().item() <= grad_tol
+    if padded:
+        assert got_grad[..., vocab:].abs().max().item() == 0.0
+    assert got_grad[0, 2].abs().max().item() == 0.0  # an ignored position gets no gradient
+
+
+def test_every_target_ignored_gives_nan_like_torch():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.full((2, 5), -1)
+    assert math.isnan(cross_entropy(logits, targets, 11).item())
+    assert math.isnan(reference(logits, targets, 11).item())
+
+
+@pytest.mark.parametrize("bad", [11, 15, -2])
+def test_target_outside_the_real_vocabulary_is_refused(bad):
+    targets = torch.zeros(2, 5, dtype=torch.long)
+    targets[1, 3] = bad
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 11\)"):
+        cross_entropy(torch.randn(2, 5, 16), targets, 11)
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="disagree"):
+        cross_entropy(torch.randn(2, 5, 16), torch.zeros(2, 4, dtype=torch.long), 11)
