@@ -164,11 +164,19 @@ def test_gpt2_fresh_loss_is_uniform(gpt2_fresh):
     and E[logsumexp] of V Gaussian logits is ln V + σ²/2 = 10.979. The issue's "ln(50257) ± 0.15" is a
     hair too tight: the expectation itself sits 0.154 above ln(50257) = 10.825.
     """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     x, y = random_tokens(2, 64, seed=9), random_tokens(2, 64, seed=10)
     with torch.no_grad():
         _, loss = gpt2_fresh(x, y)
     expected = math.log(50257) + 768 * 0.02**2 / 2
     assert abs(loss.item() - expected) <= 0.03
+    # The reference: a freshly initialised GPT2LMHeadModel (HF's own init) lands at the same place.
+    torch.manual_seed(4321)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    with torch.no_grad():
+        hf_loss = hf(input_ids=x).logits.log_softmax(-1).gather(-1, y.unsqueeze(-1))
+    assert abs(loss.item() - (-hf_loss.mean().item())) <= 0.03
 
 
 def test_gpt2_124m_logits_loss_and_grads_match_hf(gpt2_fresh, tmp_path):
