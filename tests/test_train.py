@@ -104,8 +104,8 @@ def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def assert_equal_but_isolated_rounding(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """Equal to 1e-6, except for at most 1 entry in 100,000 that stays within 1e-4.
+def assert_equal_but_isolated_rounding(a: torch.Tensor, b: torch.Tensor, name: str, atol: float = 1e-6):
+    """Equal to ``atol``, except for at most 1 entry in 100,000 that stays within 1e-4.
 
     Two ranks sum their halves of the batch in another order than one process does, so every gradient
     differs by float rounding (~1e-7 relative). Where a gradient entry nearly cancels (an unseen token's
@@ -114,8 +114,8 @@ def assert_equal_but_isolated_rounding(a: torch.Tensor, b: torch.Tensor, name: s
     real DDP mistake (a missing average, a rank's batch dropped) moves every entry by ~lr.
     """
     diff = (a - b).abs()
-    off = int((diff > 1e-6).sum())
-    assert off <= max(1, a.numel() // 100_000), f"{name}: {off} of {a.numel()} entries differ by > 1e-6"
+    off = int((diff > atol).sum())
+    assert off <= max(1, a.numel() // 100_000), f"{name}: {off} of {a.numel()} entries differ by > {atol}"
     assert diff.max().item() <= 1e-4, f"{name}: differs by {diff.max().item():.2e}"
 
 
@@ -245,3 +245,26 @@ def test_bad_input_is_one_clear_line(data_dir, tmp_path, capsys, one_thread):
     # fp16 on CPU
     assert main(["train", *as_flags({**base, "out": str(tmp_path / "z"), "dtype": "fp16"})]) == 2
     _one_error_line(capsys, "fp16")
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager_and_still_evaluates_and_samples(data_dir, tmp_path):
+    """--compile true (inductor, on CPU here): the same parameters as eager after 3 steps, and the run's
+    evaluation, samples and checkpoint work on the compiled model (build-nanogpt has to turn compile off
+    for those: its issue #79)."""
+    common = dict(max_steps=3, eval_every=3, checkpoint_every=3, sample_every=3, num_samples=1,
+                  sample_tokens=8)
+    compiled_run, eager_run = tmp_path / "compiled", tmp_path / "eager"
+    compiled = train(None, run_overrides(data_dir, compiled_run, compile="true", **common))
+    eager = train(None, run_overrides(data_dir, eager_run, compile="false", **common))
+    a, b = _final_params(compiled_run), _final_params(eager_run)
+    assert a.keys() == b.keys()  # saved from the raw module: no "_orig_mod." prefixes
+    for name in b:
+        x, y = without_key_bias(name, a[name]), without_key_bias(name, b[name])
+        assert_equal_but_isolated_rounding(x, y, name, atol=1e-5)
+    assert abs(compiled["val_loss"] - eager["val_loss"]) <= 1e-4
+    log = _log(compiled_run)
+    assert any("val_loss" in r for r in log)
+    assert "--- Hello, I'm a language model," in (compiled_run / "samples.txt").read_text()
+    reloaded = GPT.from_pretrained(compiled_run)
+    assert torch.equal(reloaded.transformer.wte.weight, a["transformer.wte.weight"])
