@@ -355,7 +355,7 @@ def _download_from_hub(name: str) -> Path:
         raise UserError(
             f"cannot download {repo_id!r} from the Hugging Face hub ({reason}). On a machine with internet "
             f"run `huggingface-cli download {repo_id} config.json model.safetensors --local-dir DIR` "
-            "(or `hf download ...`), copy DIR here and pass --model DIR"
+            f"(or `hf download ...`), copy DIR here and pass DIR where you passed {name!r}"
         ) from e
     return target
 
