@@ -6,6 +6,7 @@ import bz2
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,34 +128,67 @@ def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+DDP_STEPS = dict(eval_every=5, eval_tokens=1024, checkpoint_every=5, max_steps=5)
+
+
+def _run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _assert_same_training(run_a: Path, run_b: Path) -> None:
+    a_params, b_params = _final_params(run_a), _final_params(run_b)
+    for name in b_params:
+        a, b = without_key_bias(name, a_params[name]), without_key_bias(name, b_params[name])
+        assert_equal_but_isolated_rounding(a, b, name)
+    a_log, b_log = _log(run_a), _log(run_b)
+    assert [r["step"] for r in a_log if "train_loss" in r] == [1, 2, 3, 4, 5]
+    for a, b in zip(a_log, b_log, strict=True):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
+
+
+def _one_process_run(data_dir: Path, out: Path) -> Path:
+    proc = _run_cli([sys.executable, "-m", "gpt2repro", "train",
+                     *as_flags(run_overrides(data_dir, out, micro_batch=4, eval_batch=4, **DDP_STEPS))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), micro-batch 2 and 2 micro-steps each, against one process with
     micro-batch 4: the ranks' batches stacked are the single process's batch, so 5 steps end equal."""
-    common = dict(eval_every=5, eval_tokens=1024, checkpoint_every=5, max_steps=5)
-    ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gpt2repro", "train",
-           *as_flags(run_overrides(data_dir, ddp_run, micro_batch=2, eval_batch=2, **common))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    ddp_run = tmp_path / "ddp"
+    proc = _run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                     "-m", "gpt2repro", "train",
+                     *as_flags(run_overrides(data_dir, ddp_run, micro_batch=2, eval_batch=2, **DDP_STEPS))])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
-    cmd = [sys.executable, "-m", "gpt2repro", "train",
-           *as_flags(run_overrides(data_dir, single_run, micro_batch=4, eval_batch=4, **common))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_training(ddp_run, _one_process_run(data_dir, tmp_path / "single"))
 
-    ddp, single = _final_params(ddp_run), _final_params(single_run)
-    for name in single:
-        a, b = without_key_bias(name, ddp[name]), without_key_bias(name, single[name])
-        assert_equal_but_isolated_rounding(a, b, name)
-    ddp_log, single_log = _log(ddp_run), _log(single_run)
-    assert [r["step"] for r in ddp_log if "train_loss" in r] == [1, 2, 3, 4, 5]
-    for a, b in zip(ddp_log, single_log, strict=True):
-        for key in ("train_loss", "val_loss"):
-            if key in a:
-                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous_equal_one_process(data_dir, tmp_path):
+    """The README's multi-node command, with two "nodes" of one process each on this machine: torchrun's
+    c10d rendezvous, RANK (not LOCAL_RANK, which is 0 on both) picks the data shard and the writer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "two_nodes"
+    flags = as_flags(run_overrides(data_dir, run, micro_batch=2, eval_batch=2, **DDP_STEPS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=gpt2repro-test",
+         "-m", "gpt2repro", "train", *flags],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert any("2 processes" in err for _, err in outputs)
+    _assert_same_training(run, _one_process_run(data_dir, tmp_path / "single"))
 
 
 def test_run_directory_layout(data_dir, tmp_path, one_thread, shared_data):
