@@ -94,7 +94,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = config.attn_backend
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``mask`` (B, T, T), True where a query may attend a key, replaces the causal mask."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -107,7 +110,9 @@ class CausalSelfAttention(nn.Module):
             k = cache.keys[self.layer_idx, :, :, : past + T]
             v = cache.values[self.layer_idx, :, :, : past + T]
         dropout_p = self.dropout if self.training else 0.0
-        if self.backend == "sdpa":
+        if mask is not None:
+            y = self._masked(q, k, v, mask.unsqueeze(1), dropout_p)
+        elif self.backend == "sdpa":
             y = self._sdpa(q, k, v, past, dropout_p)
         else:
             y = self._explicit(q, k, v, past, dropout_p)
@@ -129,9 +134,15 @@ class CausalSelfAttention(nn.Module):
         mask = self._causal_mask(t_q, t_k, past, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _explicit(self, q, k, v, past: int, dropout_p: float) -> torch.Tensor:
+    def _masked(self, q, k, v, mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        if self.backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self._explicit(q, k, v, 0, dropout_p, mask)
+
+    def _explicit(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
-        mask = self._causal_mask(q.shape[2], k.shape[2], past, q.device)
+        if mask is None:
+            mask = self._causal_mask(q.shape[2], k.shape[2], past, q.device)
         att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
         if dropout_p > 0.0:
@@ -164,8 +175,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -216,18 +229,26 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         last_only: bool = False,
-        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) -> logits (B, T, vocab_size) and, given targets (B, T), the mean cross-entropy.
 
         Targets equal to -1 are ignored. With a ``cache`` the positions continue after the cached ones and
         the cache is advanced by T. ``last_only`` returns logits (B, 1, vocab_size) of the last position
         only: decoding needs no more, and the head is the largest matmul of a prefill. Likewise a boolean
-        ``positions`` mask (B, T) returns logits (N, vocab_size) of its N True positions only, in (batch,
+        ``logits_at`` mask (B, T) returns logits (N, vocab_size) of its N True positions only, in (batch,
         position) order: zero-shot scoring never needs the logits of the context.
+
+        ``position_ids`` (B, T) and a boolean ``attention_mask`` (B, T, T) (True: query may attend key)
+        replace 0..T-1 and the causal mask, so several continuations can share one copy of their context
+        in a row (evals/scoring.py); every query must be allowed at least one key.
         """
-        if (last_only or positions is not None) and targets is not None:
-            raise UserError("last_only/positions give no loss: they compute some positions' logits only")
+        if (last_only or logits_at is not None) and targets is not None:
+            raise UserError("last_only/logits_at give no loss: they compute some positions' logits only")
+        if cache is not None and (position_ids is not None or attention_mask is not None):
+            raise UserError("position_ids/attention_mask do not combine with a KV cache")
         if idx.dim() != 2:
             raise UserError(f"expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -239,6 +260,13 @@ class GPT(nn.Module):
                 "crop the input (generate() does this for you)"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        if position_ids is not None:
+            if position_ids.shape != idx.shape or int(position_ids.max()) >= self.config.block_size:
+                raise UserError(f"position_ids must have shape {tuple(idx.shape)} and values below "
+                                f"{self.config.block_size}")
+            pos = position_ids
+        if attention_mask is not None and attention_mask.shape != (B, T, T):
+            raise UserError(f"attention_mask must have shape {(B, T, T)}, got {tuple(attention_mask.shape)}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         # Checkpoint only when a backward pass follows; a KV cache must be written, not recomputed.
         use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -247,13 +275,13 @@ class GPT(nn.Module):
             if use_ckpt:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, attention_mask)
         if cache is not None:
             cache.length += T
         if last_only:
             x = x[:, -1:, :]
-        elif positions is not None:
-            x = x[positions]
+        elif logits_at is not None:
+            x = x[logits_at]
         x = self.transformer.ln_f(x)
         # Padded vocabulary rows (if any) exist for matmul speed only: they never reach a probability.
         logits = self.lm_head(x)

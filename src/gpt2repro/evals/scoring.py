@@ -1,8 +1,9 @@
 """Shared machinery of every evaluation: batched log-likelihood of continuations, sharding, progress.
 
 All zero-shot tasks reduce to one question: how likely is this continuation after that context? We answer
-it for many (context, continuation) pairs at once: pairs are sorted by length (little padding), packed
-right-padded into one forward pass, and the LM head is applied only to the positions that are scored.
+it for many (context, continuation) pairs at once: pairs that share a context share one copy of it in a
+row, rows are sorted by length (little padding) and right-padded into one forward pass, and the LM head
+is applied only to the positions that are scored.
 """
 
 from __future__ import annotations
@@ -65,6 +66,39 @@ def fit_context(context: Sequence[int], continuation: Sequence[int], max_len: in
     return context[-keep:]
 
 
+@dataclass
+class _PackedRow:
+    """One context followed by the inputs of one or more continuations that share it.
+
+    Each continuation's tokens (all but its last, which is only a target) sit after the context at the
+    positions they would have right after it, and attend to the context and to themselves only; its first
+    token is predicted from the context's last position, which all of them share. A HellaSwag example
+    (one context, four endings) is one row instead of four, and its context is computed once.
+    """
+
+    context: list[int]
+    continuations: list[tuple[int, list[int]]]  # (request index, continuation tokens)
+
+    def __len__(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for _, c in self.continuations)
+
+
+def _pack(requests, max_len: int) -> list[_PackedRow]:
+    """Consecutive requests with the same (fitted) context share a row while it fits the model."""
+    rows: list[_PackedRow] = []
+    for i, (context, continuation) in enumerate(requests):
+        if len(continuation) == 0:
+            raise ValueError(f"request {i} has an empty continuation")
+        continuation = list(continuation)
+        context = fit_context(context, continuation, max_len + 1)
+        last = rows[-1] if rows else None
+        if last is not None and last.context == context and len(last) + len(continuation) - 1 <= max_len:
+            last.continuations.append((i, continuation))
+        else:
+            rows.append(_PackedRow(context, [(i, continuation)]))
+    return rows
+
+
 def score_continuations(
     model: nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -75,10 +109,11 @@ def score_continuations(
     progress: tqdm | None = None,
     requests_per_item: int = 1,
 ) -> list[ContinuationScore]:
-    """Score every (context tokens, continuation tokens) pair; ``batch_size`` pairs per forward pass.
+    """Score every (context tokens, continuation tokens) pair; about ``batch_size`` pairs per forward pass.
 
-    The sequence fed is ``context + continuation[:-1]`` (the last token is only a target); a continuation
-    that would not fit is given less context from the left. ``progress`` advances by one per
+    Each pair is scored as if ``context + continuation[:-1]`` were fed alone (the last token is only a
+    target); a continuation that would not fit is given less context from the left. Consecutive pairs
+    with the same context share one copy of it (``_PackedRow``). ``progress`` advances by one per
     ``requests_per_item`` pairs (e.g. 4 HellaSwag candidates make one example).
     """
     device = torch.device(device)
@@ -86,50 +121,68 @@ def score_continuations(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results: list[ContinuationScore | None] = [None] * len(requests)
     with evaluation_mode(model) as gpt:
-        max_len = gpt.config.block_size + 1
-        rows = []
-        for i, (context, continuation) in enumerate(requests):
-            if len(continuation) == 0:
-                raise ValueError(f"request {i} has an empty continuation")
-            rows.append(
-                (i, fit_context(context, continuation, max_len) + list(continuation), len(continuation))
-            )
-        rows.sort(key=lambda r: -len(r[1]))  # longest first: similar lengths share a batch
-        done = 0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            for (i, _, _), score in zip(chunk, _score_batch(gpt, chunk, device, dtype), strict=True):
+        rows = _pack(requests, gpt.config.block_size)
+        rows.sort(key=lambda r: -len(r))  # longest first: similar lengths share a batch
+        done, start = 0, 0
+        while start < len(rows):
+            chunk, pairs = [], 0
+            while start < len(rows) and (not chunk or pairs + len(rows[start].continuations) <= batch_size):
+                chunk.append(rows[start])
+                pairs += len(rows[start].continuations)
+                start += 1
+            for i, score in _score_rows(gpt, chunk, device, dtype):
                 results[i] = score
             if progress is not None:
-                before, done = done // requests_per_item, done + len(chunk)
+                before, done = done // requests_per_item, done + pairs
                 progress.update(done // requests_per_item - before)
     return results  # type: ignore[return-value]
 
 
-def _score_batch(gpt: nn.Module, chunk, device: torch.device, dtype: str) -> list[ContinuationScore]:
-    width = max(len(tokens) for _, tokens, _ in chunk) - 1
+def _score_rows(gpt: nn.Module, chunk: list[_PackedRow], device: torch.device, dtype: str):
+    """(request index, score) of every continuation in ``chunk``, from one forward pass."""
+    width = max(len(row) for row in chunk)
+    shared = any(len(row.continuations) > 1 for row in chunk)
     idx = torch.zeros((len(chunk), width), dtype=torch.long)
-    targets = torch.zeros((len(chunk), width), dtype=torch.long)
     scored = torch.zeros((len(chunk), width), dtype=torch.bool)
-    for r, (_, tokens, n_cont) in enumerate(chunk):
-        t = torch.tensor(tokens, dtype=torch.long)
-        idx[r, : len(t) - 1] = t[:-1]
-        targets[r, : len(t) - 1] = t[1:]
-        scored[r, len(t) - 1 - n_cont : len(t) - 1] = True
-    idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
+    pos = torch.arange(width).repeat(len(chunk), 1) if shared else None
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1) if shared else None  # pads: self only
+    picks: list[tuple[int, list[tuple[int, int]], list[int]]] = []  # (request, [(row, position)], targets)
+    for r, row in enumerate(chunk):
+        n_ctx = len(row.context)
+        idx[r, :n_ctx] = torch.tensor(row.context)
+        if shared:
+            mask[r, :n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
+        offset = n_ctx
+        for i, cont in row.continuations:
+            n = len(cont) - 1  # inputs of this continuation
+            idx[r, offset : offset + n] = torch.tensor(cont[:-1])
+            if shared:
+                pos[r, offset : offset + n] = torch.arange(n_ctx, n_ctx + n)
+                mask[r, offset : offset + n, :n_ctx] = True
+                mask[r, offset : offset + n, offset : offset + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            where = [(r, n_ctx - 1)] + [(r, offset + k) for k in range(n)]
+            scored[r, n_ctx - 1] = True
+            scored[r, offset : offset + n] = True
+            picks.append((i, where, cont))
+            offset += n
     with autocast(device, dtype):
-        logits, _ = gpt(idx, positions=scored)  # the head runs on the scored positions only
+        logits, _ = gpt(idx.to(device), logits_at=scored.to(device),  # the head runs on scored positions only
+                        position_ids=pos.to(device) if shared else None,
+                        attention_mask=mask.to(device) if shared else None)
     logits = logits.float()  # (N, V), rows in (batch, position) order
-    wanted = targets[scored]
+    row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape)  # (row, position) -> row of ``logits``
+    flat_rows = torch.tensor([int(row_of[r, p]) for _, where, _ in picks for r, p in where])
+    wanted = torch.tensor([t for _, _, cont in picks for t in cont], device=logits.device)
+    picked = logits[flat_rows.to(logits.device)]
     # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
-    token_logprob = logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
-    token_hit = logits.argmax(dim=-1) == wanted
-    counts = scored.sum(dim=1).tolist()
+    token_logprob = picked.gather(1, wanted.unsqueeze(1)).squeeze(1) - picked.logsumexp(dim=-1)
+    token_hit = picked.argmax(dim=-1) == wanted
+    counts = [len(cont) for _, _, cont in picks]
     sums = torch.split(token_logprob.double(), counts)
     hits = torch.split(token_hit, counts)
     return [
-        ContinuationScore(float(s.sum()), n, bool(h.all()))
-        for s, h, n in zip(sums, hits, counts, strict=True)
+        (i, ContinuationScore(float(s.sum()), n, bool(h.all())))
+        for (i, _, _), s, h, n in zip(picks, sums, hits, counts, strict=True)
     ]
 
 
