@@ -110,12 +110,11 @@ class CausalSelfAttention(nn.Module):
             k = cache.keys[self.layer_idx, :, :, : past + T]
             v = cache.values[self.layer_idx, :, :, : past + T]
         dropout_p = self.dropout if self.training else 0.0
-        if mask is not None:
-            y = self._masked(q, k, v, mask.unsqueeze(1), dropout_p)
-        elif self.backend == "sdpa":
-            y = self._sdpa(q, k, v, past, dropout_p)
+        mask = mask.unsqueeze(1) if mask is not None else None  # the same mask for every head
+        if self.backend == "sdpa":
+            y = self._sdpa(q, k, v, past, dropout_p, mask)
         else:
-            y = self._explicit(q, k, v, past, dropout_p)
+            y = self._explicit(q, k, v, past, dropout_p, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -125,19 +124,16 @@ class CausalSelfAttention(nn.Module):
         rows = torch.arange(t_q, device=device).unsqueeze(1) + past
         return torch.arange(t_k, device=device).unsqueeze(0) <= rows
 
-    def _sdpa(self, q, k, v, past: int, dropout_p: float) -> torch.Tensor:
+    def _sdpa(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         t_q, t_k = q.shape[2], k.shape[2]
+        if mask is not None:  # the caller's own mask replaces the causal one
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if past == 0:  # training and prefill: the fused kernels' own causal mask
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         if t_q == 1:  # decoding one token: it sees every cached position
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         mask = self._causal_mask(t_q, t_k, past, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-    def _masked(self, q, k, v, mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        if self.backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        return self._explicit(q, k, v, 0, dropout_p, mask)
 
     def _explicit(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
@@ -273,7 +269,7 @@ class GPT(nn.Module):
         use_ckpt = use_ckpt and cache is None
         for block in self.transformer.h:
             if use_ckpt:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, attention_mask, use_reentrant=False)
             else:
                 x = block(x, cache, attention_mask)
         if cache is not None:

@@ -170,8 +170,8 @@ def _score_rows(gpt: nn.Module, chunk: list[_PackedRow], device: torch.device, d
                         position_ids=pos.to(device) if shared else None,
                         attention_mask=mask.to(device) if shared else None)
     logits = logits.float()  # (N, V), rows in (batch, position) order
-    row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape)  # (row, position) -> row of ``logits``
-    flat_rows = torch.tensor([int(row_of[r, p]) for _, where, _ in picks for r, p in where])
+    row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape).tolist()  # (row, position) -> ``logits`` row
+    flat_rows = torch.tensor([row_of[r][p] for _, where, _ in picks for r, p in where])
     wanted = torch.tensor([t for _, _, cont in picks for t in cont], device=logits.device)
     picked = logits[flat_rows.to(logits.device)]
     # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
