@@ -7,6 +7,7 @@ rendezvous variables for multi-node); ``init()`` reads them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _collective_device(device: torch.device | str) -> torch.device:
+    """gloo reduces CPU tensors only; NCCL needs them on this rank's GPU."""
+    return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device)
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Average ``t`` over ranks in place (identity for a single process)."""
     if info.enabled:
@@ -72,21 +78,34 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def sum_across_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Add per-rank totals (losses x counts, token counts, log-likelihoods) over all processes, in
+    float64 so that summing millions of per-token terms loses nothing; identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is True on at least one: ranks must agree on when to stop."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=_collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's ``obj`` (e.g. its loader position and RNG state), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    objs = [None] * info.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    """Rank 0's ``obj`` on every rank (e.g. the checkpoint path chosen by rank 0)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

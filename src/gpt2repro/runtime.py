@@ -1,4 +1,5 @@
-"""Where and in what precision to run: device autodetection, dtype parsing, autocast contexts."""
+"""Where and in what precision to run: device autodetection, dtype parsing, autocast contexts, and the
+model wrappers (DDP, torch.compile) that evaluation and saving look through."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import contextlib
 import ctypes
 import logging
 import sys
+from collections.abc import Iterator
 
 import torch
+import torch.nn as nn
 
 from gpt2repro.errors import UserError
 
@@ -107,3 +110,32 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=gen_device)
     g.manual_seed(seed)
     return g
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain ``GPT`` inside DDP and/or torch.compile wrappers (FSDP2 shards in place: nothing to peel).
+
+    Evaluation, sampling and checkpoints use the plain model: DDP's forward would expect a backward pass
+    (and a collective) after it, and parameter names must not carry ``module.``/``_orig_mod.``.
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The unwrapped model in eval mode (no dropout) under ``inference_mode``; the training flag is
+    restored afterwards, because the trainer evaluates in the middle of a run."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.errors import UserError
+from gpt2repro.runtime import evaluation_mode
 
 log = logging.getLogger("gpt2repro")
 
@@ -99,37 +100,32 @@ def stream_tokens(
         )
         idx = idx[:, -block_size:]
     B, T = idx.shape
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            # All tokens so far in one pre-allocated buffer (no per-step torch.cat of the whole context).
-            tokens = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
-            tokens[:, :T] = idx
-            length = T
-            done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if stop_token is not None else None
-            cache = None
-            for _ in range(max_new_tokens):
-                window = tokens[:, max(0, length - block_size) : length]
-                if not use_cache:
-                    logits, _ = model(window, last_only=True)
-                elif cache is None or cache.length >= block_size:
-                    # prefill (again, once the window is full: positions shift, so old keys are stale)
-                    cache = model.new_cache(B)
-                    logits, _ = model(window, cache=cache, last_only=True)
-                else:
-                    logits, _ = model(tokens[:, length - 1 : length], cache=cache)
-                token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-                if done is not None:
-                    token = torch.where(done, torch.full_like(token, stop_token), token)
-                    done |= token == stop_token
-                tokens[:, length : length + 1] = token
-                length += 1
-                yield token
-                if done is not None and bool(done.all()):
-                    return
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model) as model:
+        # All tokens so far in one pre-allocated buffer (no per-step torch.cat of the whole context).
+        tokens = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        tokens[:, :T] = idx
+        length = T
+        done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if stop_token is not None else None
+        cache = None
+        for _ in range(max_new_tokens):
+            window = tokens[:, max(0, length - block_size) : length]
+            if not use_cache:
+                logits, _ = model(window, last_only=True)
+            elif cache is None or cache.length >= block_size:
+                # prefill (again, once the window is full: positions shift, so old keys are stale)
+                cache = model.new_cache(B)
+                logits, _ = model(window, cache=cache, last_only=True)
+            else:
+                logits, _ = model(tokens[:, length - 1 : length], cache=cache)
+            token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if done is not None:
+                token = torch.where(done, torch.full_like(token, stop_token), token)
+                done |= token == stop_token
+            tokens[:, length : length + 1] = token
+            length += 1
+            yield token
+            if done is not None and bool(done.all()):
+                return
 
 
 # ====================================================================== the `gpt2repro sample` command

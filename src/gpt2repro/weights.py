@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch
 from gpt2repro.checkpoint import is_run_dir, load_checkpoint, resolve_checkpoint
 from gpt2repro.config import EOT_TOKEN_ID, GPTConfig
 from gpt2repro.errors import UserError
+from gpt2repro.hub import download_model
 
 log = logging.getLogger("gpt2repro")
 
@@ -30,12 +29,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-# Short names of OpenAI's four released sizes -> their Hugging Face repositories.
-HUB_ALIASES = {
-    name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ====================================================================== loading
@@ -57,7 +50,7 @@ def load_pretrained(
     elif source.is_dir():
         model = _load_hf_directory(source, config_overrides)
     else:
-        model = _load_hf_directory(_download_from_hub(str(name_or_dir)), config_overrides)
+        model = _load_hf_directory(download_model(str(name_or_dir)), config_overrides)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     log.info(f"loaded {name_or_dir}: {model.num_params():,} parameters")
@@ -313,94 +306,6 @@ def _strip_wrappers(key: str) -> str:
         while key.startswith(prefix):
             key = key[len(prefix) :]
     return key
-
-
-# ====================================================================== the hub
-def cache_root() -> Path:
-    return Path(os.environ.get("GPT2REPRO_CACHE", Path.home() / ".cache" / "gpt2repro"))
-
-
-def hub_repo_id(name: str) -> str | None:
-    """``gpt2`` -> ``openai-community/gpt2``; ``org/name`` as is; None for anything else."""
-    if name in HUB_ALIASES:
-        return HUB_ALIASES[name]
-    return name if _REPO_ID.match(name) else None
-
-
-def _download_from_hub(name: str) -> Path:
-    """Download config.json + model.safetensors of a hub repo (once) and return the local directory."""
-    repo_id = hub_repo_id(name)
-    if repo_id is None:
-        raise UserError(
-            f"{name!r} is neither an existing file or directory nor a hub model name "
-            f"(e.g. {', '.join(HUB_ALIASES)} or org/name)"
-        )
-    target = cache_root() / "hub" / repo_id.replace("/", "--")
-    files = ("config.json", "model.safetensors")
-    if all((target / f).is_file() for f in files):
-        return target
-    try:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise OSError("HF_HUB_OFFLINE is set")
-        _check_hub_reachable()
-        target.mkdir(parents=True, exist_ok=True)
-        for filename in files:
-            if not (target / filename).is_file():
-                log.info(f"downloading {repo_id}/{filename} to {target}")
-                _download_file(repo_id, filename, target)
-    except UserError:
-        raise
-    except Exception as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(
-            f"cannot download {repo_id!r} from the Hugging Face hub ({reason}). On a machine with internet "
-            f"run `huggingface-cli download {repo_id} config.json model.safetensors --local-dir DIR` "
-            f"(or `hf download ...`), copy DIR here and pass DIR where you passed {name!r}"
-        ) from e
-    return target
-
-
-def _download_file(repo_id: str, filename: str, target: Path) -> None:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        _download_with_urllib(repo_id, filename, target)
-        return
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # its retry chatter would bury our one-line explanation
-    try:
-        hf_hub_download(repo_id, filename, local_dir=target)
-    finally:
-        hub_log.setLevel(level)
-
-
-def _hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def _check_hub_reachable() -> None:
-    """Fail in a second, not after minutes of retries, when there is no route to the hub."""
-    endpoint = _hub_endpoint()
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
-    except urllib.error.HTTPError:
-        pass  # the server answered: reachable
-    except (urllib.error.URLError, OSError) as e:
-        raise OSError(f"{endpoint} is unreachable: {getattr(e, 'reason', e)}") from e
-
-
-def _download_with_urllib(repo_id: str, filename: str, target: Path) -> None:
-    """Fetch one file from the hub's resolve URL into ``target`` (via a temp name: never half a file)."""
-    url = f"{_hub_endpoint()}/{repo_id}/resolve/main/{filename}"
-    tmp = target / f".{filename}.part"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, target / filename)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ====================================================================== saving

@@ -101,8 +101,8 @@ def run_task(args: argparse.Namespace, model, device: torch.device, dtype: str, 
             model, args.data, style=args.style, limit=args.limit, progress=progress, **common
         )
     if args.task == "wikitext2":
-        from gpt2repro.evals.downloads import WIKITEXT2_TEST, fetch
         from gpt2repro.evals.perplexity import document_perplexity, read_text
+        from gpt2repro.hub import WIKITEXT2_TEST, fetch
 
         path = args.data or fetch(WIKITEXT2_TEST, "PATH/wikitext-2-raw/wiki.test.raw")
         return document_perplexity(
@@ -115,8 +115,8 @@ def run_task(args: argparse.Namespace, model, device: torch.device, dtype: str, 
             **common,
         )
     if args.task == "lambada":
-        from gpt2repro.evals.downloads import LAMBADA_TEST, fetch
         from gpt2repro.evals.lambada import evaluate_lambada
+        from gpt2repro.hub import LAMBADA_TEST, fetch
 
         path = args.data or fetch(LAMBADA_TEST, "PATH/lambada_test.jsonl")
         return evaluate_lambada(model, path, limit=args.limit, progress=progress, **common)

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gpt2repro.distributed import sum_across_ranks
 from gpt2repro.errors import UserError
-from gpt2repro.evals.downloads import HELLASWAG_VAL, fetch
-from gpt2repro.evals.scoring import progress_bar, score_continuations, shard, sum_across_ranks
+from gpt2repro.evals.scoring import progress_bar, score_continuations, shard
+from gpt2repro.hub import HELLASWAG_VAL, fetch
 from gpt2repro.tokenizer import get_tokenizer
 
 STYLES = ("completion", "harness")
@@ -300,5 +301,5 @@ def evaluate_hellaswag(
     )
     correct = sum(s.pred == s.label for s in scores)
     correct_norm = sum(s.pred_norm == s.label for s in scores)
-    n, correct, correct_norm = sum_across_ranks([len(scores), correct, correct_norm], world_size, device)
+    n, correct, correct_norm = sum_across_ranks([len(scores), correct, correct_norm], device)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": int(n), "style": style}

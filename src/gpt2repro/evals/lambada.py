@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gpt2repro.distributed import sum_across_ranks
 from gpt2repro.errors import UserError
-from gpt2repro.evals.scoring import progress_bar, safe_exp, score_continuations, shard, sum_across_ranks
+from gpt2repro.evals.scoring import progress_bar, safe_exp, score_continuations, shard
 from gpt2repro.tokenizer import get_tokenizer
 
 
@@ -91,7 +92,7 @@ def evaluate_lambada(
         -sum(s.logprob for s in scores),
         sum(s.n_tokens for s in scores),
     ]
-    n, hits, nll, n_tokens = sum_across_ranks(totals, world_size, device)
+    n, hits, nll, n_tokens = sum_across_ranks(totals, device)
     return {
         "acc": hits / n,
         "ppl": safe_exp(nll / n),

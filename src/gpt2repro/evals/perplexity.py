@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gpt2repro.distributed import sum_across_ranks
 from gpt2repro.errors import UserError
 from gpt2repro.evals.scoring import (
     progress_bar,
     safe_exp,
     score_continuations,
     shard,
-    sum_across_ranks,
-    unwrap,
 )
+from gpt2repro.runtime import unwrap
 from gpt2repro.tokenizer import get_tokenizer
 
 DEFAULT_STRIDE = 512
@@ -99,7 +99,7 @@ def document_perplexity(
         )
     nll = -sum(s.logprob for s in scores)
     n_scored = sum(s.n_tokens for s in scores)
-    nll, n_scored = sum_across_ranks([nll, n_scored], world_size, device)
+    nll, n_scored = sum_across_ranks([nll, n_scored], device)
     n_words = len(text.split())
     n_bytes = len(text.encode("utf-8"))
     return {

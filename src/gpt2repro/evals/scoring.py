@@ -8,18 +8,16 @@ is applied only to the positions that are scored.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.runtime import autocast
+from gpt2repro.runtime import autocast, evaluation_mode
 
 
 @dataclass(frozen=True)
@@ -29,30 +27,6 @@ class ContinuationScore:
     logprob: float
     n_tokens: int
     greedy: bool  # every continuation token is the argmax prediction
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain GPT inside a DDP and/or torch.compile wrapper (evaluation needs neither)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (no dropout), no autograd; the training flag is restored after (the trainer calls us)."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 def fit_context(context: Sequence[int], continuation: Sequence[int], max_len: int) -> list[int]:
@@ -192,20 +166,6 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return list(items[rank::world_size])
-
-
-def sum_across_ranks(values: Sequence[float], world_size: int, device: torch.device | str) -> list[float]:
-    """Add per-rank totals (counts, summed log-likelihoods) over all processes; identity on one process."""
-    if world_size == 1:
-        return [float(v) for v in values]
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised")
-    device = torch.device(device)
-    if dist.get_backend() == "gloo":
-        device = torch.device("cpu")
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "ex") -> tqdm:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
-from gpt2repro.runtime import autocast
+from gpt2repro.distributed import sum_across_ranks
+from gpt2repro.runtime import autocast, evaluation_mode
 
 
 @torch.no_grad()
@@ -35,25 +35,18 @@ def val_loss(
     from gpt2repro.data import val_batches
 
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     tokens = torch.zeros((), dtype=torch.float64, device=device)
-    try:
+    with evaluation_mode(model) as gpt:
         for x, y in val_batches(
             data_dir, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size
         ):
             x, y = x.to(device), y.to(device)
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                _, loss = gpt(x, y)
             n = (y != -1).sum()
             loss_sum += loss.double() * n
             tokens += n
-    finally:
-        model.train(was_training)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        packed = torch.stack([loss_sum, tokens])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        loss_sum, tokens = packed[0], packed[1]
-    n_tokens = int(tokens.item())
-    return {"loss": float(loss_sum.item() / max(n_tokens, 1)), "tokens": n_tokens}
+    loss_sum, tokens = sum_across_ranks([loss_sum.item(), tokens.item()], device)
+    n_tokens = int(tokens)
+    return {"loss": loss_sum / max(n_tokens, 1), "tokens": n_tokens}
