@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import textwrap
@@ -35,6 +34,7 @@ from gpt2repro import distributed
 from gpt2repro.errors import UserError
 from gpt2repro.optim import lr_at, make_optimizer, set_lr
 from gpt2repro.perf import mfu, peak_flops
+from gpt2repro.run_writer import RunWriter
 from gpt2repro.runtime import autocast, keep_freed_cpu_memory, parse_dtype, seeded_generator
 from gpt2repro.train_config import (
     TrainConfig,
@@ -170,36 +170,6 @@ def use_compile(choice: str, device: torch.device) -> bool:
     if choice == "auto":
         return device.type == "cuda"
     return choice == "true"
-
-
-# ---------------------------------------------------------------------- the run
-class RunWriter:
-    """Rank 0's files in RUN_DIR; every method is a no-op on other ranks."""
-
-    def __init__(self, out: Path, active: bool):
-        self.out, self.active = out, active
-
-    def start(self, cfg: TrainConfig, resumed: bool) -> None:
-        if not self.active:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if not resumed:
-            for name in ("log.jsonl", "samples.txt"):
-                (self.out / name).unlink(missing_ok=True)
-        stale = ckpt_io.remove_partial_writes(self.out)
-        if stale:
-            log.info("removed %d partial checkpoint write(s) of an interrupted run", len(stale))
-
-    def record(self, rec: dict) -> None:
-        if self.active:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def samples(self, step: int, texts: list[str]) -> None:
-        if self.active:
-            with open(self.out / "samples.txt", "a") as f:
-                f.write(f"=== step {step}\n" + "".join(f"--- {t}\n" for t in texts))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
