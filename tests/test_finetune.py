@@ -14,7 +14,7 @@ from gpt2repro.cli import main
 from gpt2repro.config import GPTConfig
 from gpt2repro.data import read_shard, shard_paths
 from gpt2repro.errors import UserError
-from gpt2repro.finetune import initial_model, set_vocab_padding
+from gpt2repro.initial_model import initial_model
 from gpt2repro.model import GPT
 from gpt2repro.train_config import TrainConfig
 
@@ -207,7 +207,7 @@ def test_vocab_padding_keeps_logits_and_the_padded_rows_get_no_gradient():
     idx, targets = tokens(2, 16), tokens(2, 16, seed=4)
     with torch.no_grad():
         before, _ = model.eval()(idx)
-    set_vocab_padding(model, 64)
+    model.set_vocab_padding(64)
     assert model.config.padded_vocab_size == 50304
     assert model.transformer.wte.weight.shape == (50304, 32)
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -389,7 +389,7 @@ def test_cli_reports_a_conflict_and_fp16_on_cpu_in_one_line(hf_dir, one_batch_da
 # ---------------------------------------------------------------- fp16 loss scaling (the trainer's step)
 def _trainer(hf_dir, dtype: str, scaler_init: float | None, grad_clip: float = 0.05):
     """The trainer's step on CPU; fp16 + GradScaler is forced in (the CLI refuses fp16 on CPU) to run it."""
-    from gpt2repro.train import Trainer
+    from gpt2repro.trainer import Trainer
 
     cfg = TrainConfig(init_from=str(hf_dir), seq_len=8, micro_batch=2, total_batch=32, lr=1e-3,
                       warmup_steps=0, grad_clip=grad_clip, dtype="fp32", compile="false", device="cpu")

@@ -20,8 +20,9 @@ from gpt2repro.cli import main
 from gpt2repro.prepare import prepare_corpus
 from gpt2repro.sources import embedded_documents
 from gpt2repro.tokenizer import get_tokenizer
-from gpt2repro.train import Trainer, train
+from gpt2repro.train import train
 from gpt2repro.train_config import TrainConfig
+from gpt2repro.trainer import Trainer
 
 CPU = torch.device("cpu")
 T = 32

@@ -195,7 +195,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one shared tensor
+        self.tie_weights()
         self.activation_checkpointing = False  # recompute blocks in backward to save memory
         self.apply(self._init_weights)
 
@@ -258,8 +258,10 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         if position_ids is not None:
             if position_ids.shape != idx.shape or int(position_ids.max()) >= self.config.block_size:
-                raise UserError(f"position_ids must have shape {tuple(idx.shape)} and values below "
-                                f"{self.config.block_size}")
+                raise UserError(
+                    f"position_ids must have shape {tuple(idx.shape)} and values below "
+                    f"{self.config.block_size}"
+                )
             pos = position_ids
         if attention_mask is not None and attention_mask.shape != (B, T, T):
             raise UserError(f"attention_mask must have shape {(B, T, T)}, got {tuple(attention_mask.shape)}")
@@ -309,6 +311,29 @@ class GPT(nn.Module):
         if layers is None:
             self.config.attn_backend = backend
 
+    def tie_weights(self) -> None:
+        """The LM head *is* the token embedding (GPT-2 ties them): one tensor, one gradient. Re-tie after
+        anything that replaces either parameter (``to_empty``, padding, loading into shards)."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    @torch.no_grad()
+    def set_vocab_padding(self, multiple: int) -> None:
+        """Re-size the tied embedding/head to a multiple of ``multiple`` rows (50257 -> 50304 for 64), for
+        faster matmuls. The extra rows are zeros that no token id reaches and no returned logit shows, so
+        they get no gradient and never matter."""
+        if not isinstance(multiple, int) or multiple <= 0:
+            raise UserError(f"vocab_pad_multiple must be a positive integer, got {multiple!r}")
+        old = self.transformer.wte.weight
+        self.config.vocab_pad_multiple = multiple
+        rows, real = self.config.padded_vocab_size, self.config.vocab_size
+        if rows == old.shape[0]:
+            return
+        weight = old.new_zeros(rows, self.config.n_embd)
+        weight[:real] = old[:real]
+        self.transformer.wte.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = rows
+        self.tie_weights()
+
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. fine-tune a 1024-context checkpoint at 256) by cropping wpe."""
         if not 0 < block_size <= self.config.block_size:
@@ -336,32 +361,16 @@ class GPT(nn.Module):
         return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, dtype)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        stop_token: int | None = None,
-    ) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, options=None, **option_fields) -> torch.Tensor:
         """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new).
 
-        ``temperature=0`` is greedy. Sampling draws only from ``generator`` (never the global RNG).
-        With ``stop_token``, a row that emitted it keeps emitting it and generation ends once all rows have.
+        How tokens are picked is a ``sample.SamplingOptions`` or its fields as keywords (``temperature=0``
+        is greedy, ``top_k``, ``top_p``, ``generator``: sampling never touches the global RNG, ...).
         """
-        from gpt2repro.sample import stream_tokens
+        from gpt2repro.sample import SamplingOptions, stream_tokens
 
-        out = [idx]
-        for token in stream_tokens(
-            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, use_cache=use_cache, stop_token=stop_token,
-        ):
-            out.append(token)
-        return torch.cat(out, dim=1)
+        options = options or SamplingOptions(**option_fields)
+        return torch.cat([idx, *stream_tokens(self, idx, max_new_tokens, options)], dim=1)
 
     # ---------------------------------------------------------------- weights in and out
     @classmethod

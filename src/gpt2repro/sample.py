@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import logging
+import math
 import os
 import sys
-import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +26,34 @@ from gpt2repro.runtime import evaluation_mode
 log = logging.getLogger("gpt2repro")
 
 
-def check_sampling_options(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
+def check_max_new_tokens(max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
-        raise UserError(f"top_k must be a positive integer (or None for no limit), got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each next token is picked: one object for ``GPT.generate``, the CLI and the trainer's samples.
+
+    ``temperature=0`` is greedy; ``top_k``/``top_p`` keep the likeliest tokens; draws come from
+    ``generator`` only (never the global RNG, so sampling mid-training changes nothing). With
+    ``stop_token``, a row that emitted it keeps emitting it and generation ends once all rows have.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+    use_cache: bool = True
+    stop_token: int | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise UserError(f"top_k must be a positive integer (or None for no limit), got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -71,16 +90,7 @@ def next_token(
 
 
 def stream_tokens(
-    model,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-    stop_token: int | None = None,
+    model, idx: torch.Tensor, max_new_tokens: int, options: SamplingOptions = SamplingOptions()
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, shape (B, 1), ``max_new_tokens`` times (or until all stopped).
 
@@ -88,15 +98,16 @@ def stream_tokens(
     the context is cropped from the left (with a warning); once the context is full, the window slides
     and the cache is rebuilt from the most recent tokens.
     """
-    check_sampling_options(max_new_tokens, temperature, top_k, top_p)
+    check_max_new_tokens(max_new_tokens)
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError(f"prompt must be token ids of shape (batch, time>=1), got shape {tuple(idx.shape)}")
     block_size = model.config.block_size
     if idx.size(1) > block_size:
-        warnings.warn(
-            f"prompt of {idx.size(1)} tokens is longer than the context ({block_size}); "
-            f"keeping its last {block_size} tokens",
-            stacklevel=3,
+        log.warning(
+            "prompt of %d tokens is longer than the context (%d); keeping its last %d tokens",
+            idx.size(1),
+            block_size,
+            block_size,
         )
         idx = idx[:, -block_size:]
     B, T = idx.shape
@@ -105,11 +116,12 @@ def stream_tokens(
         tokens = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
         tokens[:, :T] = idx
         length = T
+        stop_token = options.stop_token
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if stop_token is not None else None
         cache = None
         for _ in range(max_new_tokens):
             window = tokens[:, max(0, length - block_size) : length]
-            if not use_cache:
+            if not options.use_cache:
                 logits, _ = model(window, last_only=True)
             elif cache is None or cache.length >= block_size:
                 # prefill (again, once the window is full: positions shift, so old keys are stale)
@@ -117,7 +129,9 @@ def stream_tokens(
                 logits, _ = model(window, cache=cache, last_only=True)
             else:
                 logits, _ = model(tokens[:, length - 1 : length], cache=cache)
-            token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            token = next_token(
+                logits[:, -1, :], options.temperature, options.top_k, options.top_p, options.generator
+            )
             if done is not None:
                 token = torch.where(done, torch.full_like(token, stop_token), token)
                 done |= token == stop_token
@@ -145,7 +159,8 @@ def _optional_int(text: str) -> int | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--model", default="gpt2",
+        "--model",
+        default="gpt2",
         help="Hugging Face GPT-2 directory, hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name), "
         "checkpoint file or run directory of this project (default: gpt2)",
     )
@@ -175,7 +190,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    check_sampling_options(args.max_new_tokens, temperature, args.top_k, args.top_p)
+    options = SamplingOptions(
+        temperature,
+        args.top_k,
+        args.top_p,
+        use_cache=not args.no_cache,
+        stop_token=EOT_TOKEN_ID if args.stop_at_eot else None,
+    )
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     model = load_or_init(args.model, args.model_preset, args.seed)
@@ -189,9 +210,7 @@ def run(args: argparse.Namespace) -> int:
     enc = get_tokenizer()
     prompt_ids = enc.encode(args.prompt, allowed_special={EOT}) or [EOT_TOKEN_ID]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    generator = seeded_generator(args.seed, device)
-    options = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                   use_cache=not args.no_cache, stop_token=EOT_TOKEN_ID if args.stop_at_eot else None)
+    options = dataclasses.replace(options, generator=seeded_generator(args.seed, device))
     try:
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -203,15 +222,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_sample(model, enc, prompt: str, idx: torch.Tensor, max_new_tokens: int, options: dict) -> None:
+def print_sample(
+    model, enc, prompt: str, idx: torch.Tensor, max_new_tokens: int, options: SamplingOptions
+) -> None:
     """Write the prompt, then each token's text as soon as it is complete UTF-8 (flushed: a live stream)."""
     out = sys.stdout
     out.write(prompt)
     out.flush()
     text = Utf8Stream()
-    for token in stream_tokens(model, idx, max_new_tokens, **options):
+    for token in stream_tokens(model, idx, max_new_tokens, options):
         token_id = int(token)
-        if token_id == options["stop_token"]:
+        if token_id == options.stop_token:
             break
         out.write(text.push(enc.decode_single_token_bytes(token_id)))
         out.flush()

@@ -10,6 +10,7 @@ tensor is one ``UserError`` naming the tensor and the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -149,12 +150,18 @@ def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layer):
         p = f"h.{i}."
         shapes |= {
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
+            p + "ln_1.weight": (C,),
+            p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (3 * C, C),
+            p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C),
+            p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,),
+            p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (4 * C, C),
+            p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (C, 4 * C),
+            p + "mlp.c_proj.bias": (C,),
         }
     return shapes | {"ln_f.weight": (C,), "ln_f.bias": (C,)}
 
@@ -174,11 +181,11 @@ def _load_hf_directory(directory: Path, config_overrides: dict):
     sd = hf_state_dict_to_ours(hf_sd, config, _weights_description(directory))
     config, block_size = _with_overrides(config, config_overrides, config_file)
     with torch.device("meta"):  # no point initialising weights that are overwritten next
-        model = GPT(config)
+        model = GPT(dataclasses.replace(config, vocab_pad_multiple=1))  # the file's rows, padded below
     model.to_empty(device="cpu")
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty made them two tensors: tie again
-    _fill_padding_and_tie(model, sd)
-    model.load_state_dict(sd, strict=True)
+    model.tie_weights()  # to_empty made them two tensors
+    model.load_state_dict(sd | {"lm_head.weight": sd["transformer.wte.weight"]}, strict=True)
+    model.set_vocab_padding(config.vocab_pad_multiple)
     if block_size < config.block_size:
         model.crop_block_size(block_size)
     return model
@@ -201,16 +208,6 @@ def _with_overrides(config: GPTConfig, overrides: dict, source) -> tuple[GPTConf
         )
     merged = {**config.to_dict(), **overrides, "block_size": config.block_size}
     return GPTConfig.from_dict(merged), block_size
-
-
-def _fill_padding_and_tie(model, sd: dict[str, torch.Tensor]) -> None:
-    """Pad wte with zero rows up to the padded vocabulary (never used) and give lm_head the same tensor."""
-    wte = sd["transformer.wte.weight"]
-    pad = model.config.padded_vocab_size - wte.shape[0]
-    if pad:
-        wte = torch.cat([wte, wte.new_zeros(pad, wte.shape[1])])
-    sd["transformer.wte.weight"] = wte
-    sd["lm_head.weight"] = wte
 
 
 def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:

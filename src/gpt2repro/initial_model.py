@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-import torch.nn as nn
-
 from gpt2repro.config import PRESETS, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
@@ -41,8 +38,12 @@ def initial_model(cfg: TrainConfig, *, resume_config: dict | None = None) -> GPT
         model.set_dropout(cfg.dropout)
     elif cfg.init_from == SCRATCH:
         model = GPT(GPTConfig.preset(cfg.model, **cfg.model_overrides()))
-        log.info("init from scratch: model %s, %.2fM parameters, context %d",
-                 cfg.model, model.num_params() / 1e6, model.config.block_size)
+        log.info(
+            "init from scratch: model %s, %.2fM parameters, context %d",
+            cfg.model,
+            model.num_params() / 1e6,
+            model.config.block_size,
+        )
     else:
         model = _from_pretrained(cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -67,12 +68,17 @@ def _from_pretrained(cfg: TrainConfig) -> GPT:
         log.info("cropping the context of %s from %d to %d", source, loaded.block_size, cfg.block_size)
         model.crop_block_size(cfg.block_size)
     model.set_dropout(cfg.dropout)
-    set_vocab_padding(model, cfg.vocab_pad_multiple)
+    model.set_vocab_padding(cfg.vocab_pad_multiple)
     log.info(
         "init from %s (weights only: fresh optimizer, step 0): %.2fM parameters, "
         "%d layers, %d heads, %d dims, context %d, dropout %g",
-        source, model.num_params() / 1e6, loaded.n_layer, loaded.n_head, loaded.n_embd,
-        model.config.block_size, model.config.dropout,
+        source,
+        model.num_params() / 1e6,
+        loaded.n_layer,
+        loaded.n_head,
+        loaded.n_embd,
+        model.config.block_size,
+        model.config.dropout,
     )
     return model
 
@@ -104,26 +110,3 @@ _DEFAULT_MODEL = TrainConfig.__dataclass_fields__["model"].default
 
 def _describe(shape: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in shape.items())
-
-
-@torch.no_grad()
-def set_vocab_padding(model: GPT, multiple: int) -> None:
-    """Re-size the tied embedding/LM-head to a multiple of ``multiple`` rows (50257 -> 50304 for 64).
-
-    The real rows are kept; extra rows are zeros. They can never matter: no token id reaches them on the
-    input side, and the model slices its logits to the real vocabulary, so they get no gradient either.
-    """
-    config = model.config
-    if multiple <= 0:
-        raise UserError(f"vocab_pad_multiple must be a positive integer, got {multiple}")
-    old = model.transformer.wte.weight
-    config.vocab_pad_multiple = multiple
-    rows = config.padded_vocab_size
-    if rows == old.shape[0]:
-        return
-    weight = torch.zeros(rows, config.n_embd, dtype=old.dtype, device=old.device)
-    weight[: config.vocab_size] = old[: config.vocab_size]
-    model.transformer.wte.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
-    model.transformer.wte.num_embeddings = rows
-    model.lm_head.weight = model.transformer.wte.weight  # keep the head tied to the embedding
-    model.lm_head.out_features = rows
