@@ -134,3 +134,33 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     # the resumed log (last record per step) has exactly the uninterrupted run's losses
     assert last_per_step(run) == last_per_step(straight)
     assert (run / "samples.txt").read_text().count(f"=== step {STEPS}") >= 1
+
+
+# The last commit before the run's state became a typed object (train.py split into TrainingRun, Trainer,
+# RunWriter): its checkpoints must still resume.
+CHECKPOINT_FORMAT_COMMIT = "cf1d1cd"
+
+
+def test_checkpoint_written_by_the_code_before_the_restructure_resumes_bit_identically(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    old_src = tmp_path / "old"
+    old_src.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", CHECKPOINT_FORMAT_COMMIT, "src"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare_corpus(embedded_documents(), data, source_name="embedded", max_tokens=20_000, val_tokens=2_048,
+                   workers=1)
+    cmd = train_cmd(data, run)
+    cmd[cmd.index("--max-steps") + 1] = "6"
+    old_env = {**ENV, "PYTHONPATH": str(old_src / "src")}
+    subprocess.run([sys.executable, "-m", "gpt2repro", *cmd], env=old_env, check=True, capture_output=True)
+    reference = load_checkpoint(checkpoint_path(run, 6))["model"]
+    checkpoint_path(run, 6).unlink()  # the old code's step-3 checkpoint is now the newest
+    resumed = subprocess.run([sys.executable, "-m", "gpt2repro", "train", "--out", str(run), "--resume"],
+                             env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoint_path(run, 3)} at step 3" in resumed.stderr
+    final = load_checkpoint(checkpoint_path(run, 6))["model"]
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
