@@ -1,6 +1,8 @@
 """Checkpoints of a run: atomic writes, finding the latest, loading them back.
 
-A checkpoint is one ``torch.save`` file ``RUN_DIR/checkpoints/step_XXXXXXXX.pt`` holding a dict:
+A checkpoint of a single-process or DDP run is one ``torch.save`` file
+``RUN_DIR/checkpoints/step_XXXXXXXX.pt`` holding a dict (an FSDP run writes a sharded directory
+``step_XXXXXXXX/`` instead: sharded_checkpoint.py):
 
 - ``"model"``: the state dict of the *unwrapped* ``GPT`` (no DDP ``module.`` / compile ``_orig_mod.``)
 - ``"model_config"``: ``GPTConfig.to_dict()``
@@ -15,15 +17,17 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 
 from gpt2repro.errors import UserError
+from gpt2repro.files import atomic_open, is_temp_file
+from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_train_state
 
 CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")  # a file, or a sharded (DCP) directory
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -34,22 +38,8 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -57,7 +47,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in ckpt_dir.iterdir()
+        if (m := _NAME.match(p.name)) and (p.is_file() if m.group(2) else is_sharded_checkpoint(p))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -69,6 +63,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint file, with one clear error if it is missing, truncated or not ours."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return load_train_state(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -86,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the latest checkpoint of a run directory."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
@@ -132,9 +128,19 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_steps: se
     if ckpts and not newest and not any(checkpoint_step(p) in keep_steps for p in ckpts):
         newest = {ckpts[-1]}
     for path in ckpts:
-        step = int(_NAME.match(path.name).group(1))
-        if path not in newest and step not in keep_steps:
-            path.unlink(missing_ok=True)
+        if path not in newest and checkpoint_step(path) not in keep_steps:
+            remove_checkpoint(path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file, or a sharded directory (renamed aside first: never half a checkpoint
+    under a complete-looking name)."""
+    if path.is_dir():
+        doomed = path.with_name(f".{path.name}.deleting")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
@@ -142,9 +148,12 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         return []
-    stale = [p for p in ckpt_dir.glob(".step_*.tmp")]
+    stale = [p for p in ckpt_dir.glob(".step_*") if is_temp_file(p) or p.is_dir()]  # staging/deleting dirs
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 

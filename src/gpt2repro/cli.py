@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # the exact command, for messages that say how to run it again
     try:
         return int(args._run(args) or 0)
     except UserError as e:

@@ -78,23 +78,31 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def sum_across_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+def sum_across_ranks(
+    values: Sequence[float], device: torch.device | str = "cpu", world_size: int | None = None
+) -> list[float]:
     """Add per-rank totals (losses x counts, token counts, log-likelihoods) over all processes, in
-    float64 so that summing millions of per-token terms loses nothing; identity on one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    float64 so that summing millions of per-token terms loses nothing. Identity on one process, and
+    for ``world_size=1``: work that every rank did whole (e.g. evaluating an FSDP model) is not summed."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
+def max_across_ranks(value: float, info: DistInfo, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` of any rank, on every rank (e.g. a stop signal number, 0 for none)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], device=_collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is True on at least one: ranks must agree on when to stop."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=_collective_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_across_ranks(float(flag), info, device))
 
 
 def gather_objects(obj: object, info: DistInfo) -> list:
@@ -104,6 +112,15 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     objs = [None] * info.world_size
     dist.all_gather_object(objs, obj)
     return objs
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's ``obj`` on every rank (e.g. the configuration of weights only rank 0 has read)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

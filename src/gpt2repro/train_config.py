@@ -62,6 +62,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling)
     compile: str = "auto"  # auto (on for CUDA, off on CPU) | true | false
     device: str = "auto"
+    parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2 shards)
+    async_checkpoint: bool = False  # fsdp: write sharded checkpoints in the background (dcp.async_save)
     # ---- evaluation, logging, checkpoints
     eval_every: int = 250  # steps between val-loss evaluations (0 = only at the end)
     eval_tokens: int = 10_485_760  # tokens of the fixed val set (all ranks together)

@@ -23,6 +23,7 @@ from gpt2repro.checkpoint import is_run_dir, load_checkpoint, resolve_checkpoint
 from gpt2repro.config import EOT_TOKEN_ID, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.hub import download_model
+from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_tensors_into
 
 log = logging.getLogger("gpt2repro")
 
@@ -46,7 +47,7 @@ def load_pretrained(
     a smaller ``block_size``) change the architecture options that do not alter the released weights.
     """
     source = Path(name_or_dir).expanduser()
-    if source.is_file() or is_run_dir(source):
+    if source.is_file() or is_run_dir(source) or is_sharded_checkpoint(source):
         model = _load_project_checkpoint(source, config_overrides)
     elif source.is_dir():
         model = _load_hf_directory(source, config_overrides)
@@ -276,7 +277,18 @@ def _load_project_checkpoint(path: Path, config_overrides: dict):
         raise UserError(f"checkpoint {ckpt_file} has an invalid model_config ({e})") from e
     config, block_size = _with_overrides(config, config_overrides, ckpt_file)
     model = GPT(config)
-    sd = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
+    if "sharded_path" in ckpt:  # an FSDP run's shards, assembled into whole tensors by DCP
+        load_tensors_into(ckpt_file, model)
+    else:
+        _load_checked(model, ckpt["model"], ckpt_file)
+    if block_size < config.block_size:
+        model.crop_block_size(block_size)
+    return model
+
+
+def _load_checked(model, state_dict: dict, ckpt_file: Path) -> None:
+    """``load_state_dict`` with every missing, unexpected or wrong-shaped tensor named."""
+    sd = {_strip_wrappers(k): v for k, v in state_dict.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -292,9 +304,6 @@ def _load_project_checkpoint(path: Path, config_overrides: dict):
                 f"expected {tuple(expected[name].shape)}"
             )
     model.load_state_dict(sd)
-    if block_size < config.block_size:
-        model.crop_block_size(block_size)
-    return model
 
 
 def _strip_wrappers(key: str) -> str:

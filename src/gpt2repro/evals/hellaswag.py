@@ -301,5 +301,5 @@ def evaluate_hellaswag(
     )
     correct = sum(s.pred == s.label for s in scores)
     correct_norm = sum(s.pred_norm == s.label for s in scores)
-    n, correct, correct_norm = sum_across_ranks([len(scores), correct, correct_norm], device)
+    n, correct, correct_norm = sum_across_ranks([len(scores), correct, correct_norm], device, world_size)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": int(n), "style": style}

@@ -92,7 +92,7 @@ def evaluate_lambada(
         -sum(s.logprob for s in scores),
         sum(s.n_tokens for s in scores),
     ]
-    n, hits, nll, n_tokens = sum_across_ranks(totals, device)
+    n, hits, nll, n_tokens = sum_across_ranks(totals, device, world_size)
     return {
         "acc": hits / n,
         "ppl": safe_exp(nll / n),

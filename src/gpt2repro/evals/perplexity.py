@@ -99,7 +99,7 @@ def document_perplexity(
         )
     nll = -sum(s.logprob for s in scores)
     n_scored = sum(s.n_tokens for s in scores)
-    nll, n_scored = sum_across_ranks([nll, n_scored], device)
+    nll, n_scored = sum_across_ranks([nll, n_scored], device, world_size)
     n_words = len(text.split())
     n_bytes = len(text.encode("utf-8"))
     return {

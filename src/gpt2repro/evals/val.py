@@ -47,6 +47,6 @@ def val_loss(
             n = (y != -1).sum()
             loss_sum += loss.double() * n
             tokens += n
-    loss_sum, tokens = sum_across_ranks([loss_sum.item(), tokens.item()], device)
+    loss_sum, tokens = sum_across_ranks([loss_sum.item(), tokens.item()], device, world_size)
     n_tokens = int(tokens)
     return {"loss": loss_sum / max(n_tokens, 1), "tokens": n_tokens}
