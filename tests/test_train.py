@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import as_flags, assert_equal_but_isolated_rounding, run_overrides, without_key_bias
 
 from gpt2repro import GPT
 from gpt2repro.checkpoint import latest_checkpoint, load_checkpoint
@@ -57,17 +58,6 @@ def text_batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:-1].view(rows, T), tokens[1:].view(rows, T)
 
 
-def run_overrides(data: Path, out: Path, **extra) -> dict:
-    base = dict(model="gpt2-micro", data=str(data), out=str(out), device="cpu", dtype="fp32", compile="false",
-                seq_len=T, micro_batch=4, total_batch=8 * T, max_steps=5, lr=3e-3, warmup_steps=2,
-                eval_every=0, eval_tokens=512, checkpoint_every=0, sample_every=0, num_samples=0, log_every=1)
-    return {**base, **extra}
-
-
-def as_flags(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
-
-
 def test_overfits_a_single_batch(one_thread):
     x, y = text_batch(4)
     trainer = Trainer(micro_config(lr=3e-3, warmup_steps=10, min_lr_ratio=1.0, weight_decay=0.0), CPU)
@@ -94,31 +84,6 @@ def test_grad_accumulation_equals_one_big_batch(one_thread):
     assert s_small["grad_norm"] == pytest.approx(s_big["grad_norm"], rel=1e-5)
     for (name, a), b in zip(big.raw_model.named_parameters(), small.raw_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The key bias gets a gradient that is exactly zero in theory (softmax ignores a shift q.b_k shared by
-    all keys of a query), so its float-rounding noise, which depends on the reduction order, is all Adam
-    sees and normalises up to a visible update. Every other parameter must match."""
-    if name.endswith("attn.c_attn.bias"):
-        n = tensor.numel() // 3
-        return torch.cat([tensor[:n], tensor[2 * n :]])
-    return tensor
-
-
-def assert_equal_but_isolated_rounding(a: torch.Tensor, b: torch.Tensor, name: str, atol: float = 1e-6):
-    """Equal to ``atol``, except for at most 1 entry in 100,000 that stays within 1e-4.
-
-    Two ranks sum their halves of the batch in another order than one process does, so every gradient
-    differs by float rounding (~1e-7 relative). Where a gradient entry nearly cancels (an unseen token's
-    embedding column, say), that rounding is a large share of it, and Adam, which divides by the
-    gradient's own size, turns it into a visible update: one entry of wte's 3.2 million did so here. A
-    real DDP mistake (a missing average, a rank's batch dropped) moves every entry by ~lr.
-    """
-    diff = (a - b).abs()
-    off = int((diff > atol).sum())
-    assert off <= max(1, a.numel() // 100_000), f"{name}: {off} of {a.numel()} entries differ by > {atol}"
-    assert diff.max().item() <= 1e-4, f"{name}: differs by {diff.max().item():.2e}"
 
 
 def _final_params(run_dir: Path) -> dict:

@@ -342,11 +342,12 @@ class TrainingRun:
         return path
 
     def _checkpoint_group(self):
-        """async_save's background collectives run on a CPU (gloo) group, not on NCCL."""
+        """async_save's background collectives need a group of their own (the loop's collectives go on
+        meanwhile on the default one), on CPU (gloo), also when the default is NCCL."""
         if self._gloo_group is None:
             import torch.distributed as dist
 
-            self._gloo_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+            self._gloo_group = dist.new_group(backend="gloo")
         return self._gloo_group
 
     def _finish_pending_save(self, wait: bool) -> None:
