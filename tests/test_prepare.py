@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2repro import prepare, sources
+from gpt2repro import dataset_out, prepare, sources
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches, verify_dataset
+from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches
+from gpt2repro.verify import verify_dataset
 from gpt2repro.errors import UserError
 from gpt2repro.tokenizer import EOT, get_tokenizer
 
@@ -74,7 +75,7 @@ def test_files_round_trip_in_order(tmp_path):
     assert all(s["tokens"] <= 50 for s in manifest["shards"])
     for shard in manifest["shards"]:
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
-    assert verify_dataset(out) == manifest["num_tokens"]
+    assert verify_dataset(out).tokens == manifest["num_tokens"]
 
     loader = TokenLoader(out, "train", 2, 16, shuffle=False)
     x, y = loader.next_batch()
@@ -234,7 +235,7 @@ def test_interrupted_run_leaves_nothing_that_looks_valid_and_restarts_cleanly(tm
         prepare.prepare_corpus(documents_then_interrupt(), out, shard_tokens=40, workers=2)
     assert_no_dataset(out)
     # A run killed hard (no cleanup at all) leaves its staging directory with whole and half-written shards.
-    staging = out / prepare.STAGING_DIR
+    staging = out / dataset_out.STAGING_DIR
     staging.mkdir()
     (staging / "corpus_train_000001.bin").write_bytes(b"a whole shard")
     (staging / ".corpus_train_000002.bin.tmp").write_bytes(b"half a shard")
