@@ -18,6 +18,7 @@ from gpt2repro.config import EOT_TOKEN_ID
 from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches
 from gpt2repro.verify import verify_dataset
 from gpt2repro.errors import UserError
+from gpt2repro.files import LOCK_NAME
 from gpt2repro.tokenizer import EOT, get_tokenizer
 
 DOCS = [
@@ -46,10 +47,15 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
     return np.concatenate([read_shard(p) for p in shard_paths(out, split)])
 
 
+def listing(out: Path) -> list[str]:
+    """The names in ``out``, sorted, without the lock file that ``prepare`` keeps there (see DirectoryLock)."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+
+
 def assert_no_dataset(out: Path) -> None:
     """Nothing is left in ``out``: no shard, no manifest, no staging directory."""
     if out.exists():
-        assert list(out.iterdir()) == []
+        assert listing(out) == []
 
 
 def test_files_round_trip_in_order(tmp_path):
@@ -220,7 +226,7 @@ def test_existing_output_is_refused_then_overwritten(tmp_path):
     manifest = prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True)
     assert len(manifest["shards"]) == 2 < len(first["shards"])
     assert manifest["num_documents"] == 2
-    on_disk = sorted(p.name for p in out.iterdir())
+    on_disk = listing(out)
     assert on_disk == sorted(["manifest.json", *(s["name"] for s in manifest["shards"])])
 
 
@@ -241,7 +247,7 @@ def test_interrupted_run_leaves_nothing_that_looks_valid_and_restarts_cleanly(tm
     (staging / ".corpus_train_000002.bin.tmp").write_bytes(b"half a shard")
     manifest = prepare.prepare_corpus(DOCS, out, shard_tokens=40, workers=1)
     expected = ["manifest.json", *(s["name"] for s in manifest["shards"])]
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    assert listing(out) == sorted(expected)
     TokenLoader(out, "train", 1, 8)
 
 
@@ -253,7 +259,7 @@ def test_shards_without_a_manifest_are_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "edufineweb_train_000001.npy").exists()
     manifest = prepare.prepare_corpus(DOCS, tmp_path, workers=1, overwrite=True)
     expected = ["manifest.json", "notes.txt", *(s["name"] for s in manifest["shards"])]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    assert listing(tmp_path) == sorted(expected)
 
 
 # ---- bad input: one clear error naming the file and what to do, and no output that looks valid ----
