@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import types
 from pathlib import Path
 
@@ -16,10 +17,10 @@ import pytest
 from gpt2repro import dataset_out, prepare, sources
 from gpt2repro.config import EOT_TOKEN_ID
 from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches
-from gpt2repro.verify import verify_dataset
 from gpt2repro.errors import UserError
 from gpt2repro.files import LOCK_NAME
 from gpt2repro.tokenizer import EOT, get_tokenizer
+from gpt2repro.verify import verify_dataset
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.\n",
@@ -48,7 +49,7 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
 
 
 def listing(out: Path) -> list[str]:
-    """The names in ``out``, sorted, without the lock file that ``prepare`` keeps there (see DirectoryLock)."""
+    """The names in ``out``, sorted, without the lock file that ``prepare`` keeps there (DirectoryLock)."""
     return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
 
 
@@ -342,3 +343,121 @@ def test_cli_reports_user_errors_with_exit_code_2(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.txt does not exist" in err[0]
+
+
+# ---- never delete before success: the previous dataset survives any failed rebuild ----
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in listing(out) if (out / name).is_file()}
+
+
+def test_overwrite_with_bad_input_keeps_the_previous_dataset(tmp_path, capsys):
+    from gpt2repro.cli import main
+
+    out = tmp_path / "out"
+    prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+    before = snapshot(out)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n" * 2000 + "caf\xe9".encode("latin-1"))  # fails after shards are staged
+    code = main(
+        [
+            "prepare",
+            "--source",
+            "files",
+            str(bad),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--shard-tokens",
+            "40",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "is not UTF-8 text" in capsys.readouterr().err
+    assert snapshot(out) == before and listing(out) == sorted(before)
+    assert verify_dataset(out, trust_stamps=False).tokens == json.loads(before["manifest.json"])["num_tokens"]
+
+
+def test_overwrite_on_a_full_disk_keeps_the_previous_dataset(tmp_path, capsys):
+    from fs_faults import fill, tmpfs
+
+    from gpt2repro.cli import main
+
+    with tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        out = mnt / "data"
+        prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+        before = snapshot(out)
+        fill(mnt)
+        code = main(
+            [
+                "prepare",
+                "--source",
+                "embedded",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--max-tokens",
+                "200000",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"cannot write the dataset into {out}: no space left on the device" in err
+        assert f"the previous dataset in {out} is intact" in err
+        assert snapshot(out) == before and listing(out) == sorted(before)  # staging removed too
+        verify_dataset(out, trust_stamps=False)
+
+
+def test_read_only_output_is_one_line(tmp_path, capsys):
+    from fs_faults import tmpfs
+
+    from gpt2repro.cli import main
+
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        code = main(["prepare", "--source", "embedded", "--out", str(ro / "data"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert f"{ro / 'data'}: the file system is read-only" in err
+
+
+def test_a_rebuild_killed_at_any_rename_leaves_the_old_or_the_new_dataset(tmp_path, monkeypatch):
+    """Renames are the steps of a rebuild (staged shards, staged manifest, then the swap): killed before
+    the swap, the old dataset stands; killed during it, the next run finishes it; never a mix."""
+    real_replace = os.replace
+    seen = set()
+    for kill_at in range(100):  # every rename in turn, until one run gets through
+        out = tmp_path / f"out{kill_at}"
+        prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+        moves = []
+
+        def killed(src, dst, kill_at=kill_at, moves=moves):
+            if len(moves) == kill_at:
+                raise KeyboardInterrupt  # stands for SIGKILL between two renames of the swap
+            moves.append(src)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        try:
+            prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        if not finished:
+            with pytest.raises(UserError, match="already holds a prepared dataset"):  # swap finished first
+                prepare.prepare_corpus(DOCS, out, workers=1)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["num_documents"] in (len(DOCS), 2), kill_at  # the old one or the new one
+        seen.add((finished, manifest["num_documents"]))
+        assert listing(out) == sorted(["manifest.json", *(s["name"] for s in manifest["shards"])]), kill_at
+        verify_dataset(out, trust_stamps=False)
+        if finished:
+            break
+    # interrupted in the build (old one kept), in the swap (finished by the next run), then not at all
+    assert seen == {(False, len(DOCS)), (False, 2), (True, 2)}

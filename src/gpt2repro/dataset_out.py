@@ -84,14 +84,7 @@ def existing_dataset(out_dir: Path, overwrite: bool) -> list[Path]:
         shutil.rmtree(out_dir / STAGING_DIR)
         log.info("removed the leftovers of an interrupted run from %s", out_dir)
     manifest_path = out_dir / MANIFEST_NAME
-    shards = [
-        p
-        for p in sorted(out_dir.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix in (".bin", ".npy")
-        and any(split in p.name for split in SPLITS)
-    ]
+    shards = _shard_files(out_dir)
     if not overwrite and manifest_path.exists():
         manifest = read_manifest(out_dir)
         raise UserError(
@@ -106,6 +99,18 @@ def existing_dataset(out_dir: Path, overwrite: bool) -> list[Path]:
             "or choose another --out"
         )
     return [*([manifest_path] if manifest_path.exists() else []), *shards]
+
+
+def _shard_files(out_dir: Path) -> list[Path]:
+    """What the loader would take for shards (and so what a rebuild must replace)."""
+    return [
+        p
+        for p in sorted(out_dir.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix in (".bin", ".npy")
+        and any(split in p.name for split in SPLITS)
+    ]
 
 
 def stage_manifest(out_dir: Path, manifest: dict) -> None:
@@ -128,6 +133,12 @@ def _finish_swap(out_dir: Path) -> None:
     """Move the staged files into OUT (manifest last), then delete the retired ones. Idempotent."""
     staging, retired = out_dir / STAGING_DIR, out_dir / RETIRED_DIR
     if (staging / MANIFEST_NAME).exists():
+        # Killed while retiring: the old files still in OUT are its manifest and the shards that are
+        # not new (not in the staged manifest, or still staged, so the file in OUT is the old one).
+        new = {s["name"] for s in read_manifest(staging)["shards"]}
+        left = [p for p in _shard_files(out_dir) if p.name not in new or (staging / p.name).exists()]
+        for path in [*([out_dir / MANIFEST_NAME] if (out_dir / MANIFEST_NAME).exists() else []), *left]:
+            os.replace(path, retired / path.name)
         for path in sorted(staging.iterdir()):
             if path.name != MANIFEST_NAME and not is_temp_file(path):
                 os.replace(path, out_dir / path.name)

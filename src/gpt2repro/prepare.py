@@ -355,7 +355,7 @@ def _documents_for(args: argparse.Namespace) -> tuple[Iterable[str], dict]:
 def _verify(data_dir: str) -> int:
     from gpt2repro.verify import verify_dataset
 
-    log.info("%s", verify_dataset(data_dir, trust_stamps=False).summary())
+    print(verify_dataset(data_dir, trust_stamps=False).summary())
     return 0
 
 
