@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a fault no module turned into a UserError: still one line, not a traceback
-        print(f"gpt2repro {args.command}: error: {user_error_for(e, 'access')}", file=sys.stderr)
+        action = "access" if e.filename is not None else f"finish `gpt2repro {args.command}`"
+        print(f"gpt2repro {args.command}: error: {user_error_for(e, action)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2repro {args.command}: interrupted", file=sys.stderr)

@@ -164,8 +164,9 @@ class DirectoryLock:
         except OSError as e:  # e.g. a file system without locks
             os.close(fd)
             raise user_error_for(e, "lock", lock_file) from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:400]}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds, only the holder's name is lost
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:400]}\n".encode(), 0)
         self._fd = fd
         return self
 
