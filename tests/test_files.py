@@ -101,3 +101,11 @@ def test_a_second_prepare_stops_at_once_and_sigkill_frees_the_lock(tmp_path):
         holder.wait()
     with DirectoryLock(out):  # the kernel released the dead holder's lock: no stale lock file to remove
         assert (out / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    from gpt2repro.files import atomic_write
+
+    (tmp_path / "plain").write_text("x")
+    atomic_write(tmp_path / "atomic", "x")
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode

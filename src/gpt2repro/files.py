@@ -26,6 +26,20 @@ except ImportError:  # Windows
 TEMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows: os.umask is process-wide)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # the mode open() would give a new file
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside ``directory`` durable (POSIX: the directory entry lives in the directory)."""
     try:
@@ -50,6 +64,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; others sharing a dataset or run must read it
+            os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
