@@ -5,6 +5,8 @@
                           readers keep the last record of each (step, kind)
     RUN_DIR/samples.txt   periodic samples from a fixed prompt and a seeded generator
     RUN_DIR/checkpoints/  see checkpoint.py
+    RUN_DIR/previous-YYYYmmdd-HHMMSS/  log.jsonl, samples.txt, config.json of an earlier run that a new
+                          (not resumed) run found there: moved aside, never deleted
 
 (The README's run-directory table says the same for users.)
 """
