@@ -19,8 +19,6 @@ from gpt2repro.data import (
     read_shard,
     shard_paths,
     val_batches,
-    validate_shard,
-    verify_dataset,
     write_shard,
 )
 from gpt2repro.errors import UserError
@@ -333,27 +331,6 @@ def test_state_from_other_data_is_refused(dataset, tmp_path_factory):
         TokenLoader(data_dir, "train", 1, 8).load_state_dict(state)
     with pytest.raises(UserError, match="not made by TokenLoader"):
         TokenLoader(data_dir, "train", 1, 8).load_state_dict({"step": 3})
-
-
-def test_verify_dataset_checks_every_token_and_the_manifest_sha256(dataset):
-    data_dir, stream = dataset
-    shards = [
-        {"name": p.name, "split": split, "tokens": len(read_shard(p)), "sha256": sha256_of(p)}
-        for split in ("train", "val")
-        for p in shard_paths(data_dir, split)
-    ]
-    (data_dir / "manifest.json").write_text(json.dumps({"shards": shards}))
-    assert verify_dataset(data_dir) == {"train": len(stream), "val": 500}
-    path = data_dir / "t_train_000002.bin"
-    tokens = np.array(read_shard(path))
-    tokens[3] = (int(tokens[3]) + 1) % EOT  # still a valid id: only the checksum can tell
-    path.write_bytes(llmc_shard_bytes(tokens))
-    with pytest.raises(UserError, match=r"t_train_000002.bin does not match the sha256 in manifest.json"):
-        verify_dataset(data_dir)
-    tokens[5] = 65535
-    path.write_bytes(llmc_shard_bytes(tokens))
-    with pytest.raises(UserError, match=r"t_train_000002.bin contains token id 65535 >= 50257"):
-        validate_shard(path)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

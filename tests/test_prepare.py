@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import types
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2repro import prepare, sources
+from gpt2repro import dataset_out, prepare, sources
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches, verify_dataset
+from gpt2repro.data import TokenLoader, read_shard, shard_paths, val_batches
 from gpt2repro.errors import UserError
+from gpt2repro.files import LOCK_NAME
 from gpt2repro.tokenizer import EOT, get_tokenizer
+from gpt2repro.verify import verify_dataset
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.\n",
@@ -45,10 +48,15 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
     return np.concatenate([read_shard(p) for p in shard_paths(out, split)])
 
 
+def listing(out: Path) -> list[str]:
+    """The names in ``out``, sorted, without the lock file that ``prepare`` keeps there (DirectoryLock)."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+
+
 def assert_no_dataset(out: Path) -> None:
     """Nothing is left in ``out``: no shard, no manifest, no staging directory."""
     if out.exists():
-        assert list(out.iterdir()) == []
+        assert listing(out) == []
 
 
 def test_files_round_trip_in_order(tmp_path):
@@ -74,7 +82,7 @@ def test_files_round_trip_in_order(tmp_path):
     assert all(s["tokens"] <= 50 for s in manifest["shards"])
     for shard in manifest["shards"]:
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
-    assert verify_dataset(out) == manifest["num_tokens"]
+    assert verify_dataset(out).tokens == manifest["num_tokens"]
 
     loader = TokenLoader(out, "train", 2, 16, shuffle=False)
     x, y = loader.next_batch()
@@ -219,7 +227,7 @@ def test_existing_output_is_refused_then_overwritten(tmp_path):
     manifest = prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True)
     assert len(manifest["shards"]) == 2 < len(first["shards"])
     assert manifest["num_documents"] == 2
-    on_disk = sorted(p.name for p in out.iterdir())
+    on_disk = listing(out)
     assert on_disk == sorted(["manifest.json", *(s["name"] for s in manifest["shards"])])
 
 
@@ -234,13 +242,13 @@ def test_interrupted_run_leaves_nothing_that_looks_valid_and_restarts_cleanly(tm
         prepare.prepare_corpus(documents_then_interrupt(), out, shard_tokens=40, workers=2)
     assert_no_dataset(out)
     # A run killed hard (no cleanup at all) leaves its staging directory with whole and half-written shards.
-    staging = out / prepare.STAGING_DIR
+    staging = out / dataset_out.STAGING_DIR
     staging.mkdir()
     (staging / "corpus_train_000001.bin").write_bytes(b"a whole shard")
     (staging / ".corpus_train_000002.bin.tmp").write_bytes(b"half a shard")
     manifest = prepare.prepare_corpus(DOCS, out, shard_tokens=40, workers=1)
     expected = ["manifest.json", *(s["name"] for s in manifest["shards"])]
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    assert listing(out) == sorted(expected)
     TokenLoader(out, "train", 1, 8)
 
 
@@ -252,7 +260,7 @@ def test_shards_without_a_manifest_are_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "edufineweb_train_000001.npy").exists()
     manifest = prepare.prepare_corpus(DOCS, tmp_path, workers=1, overwrite=True)
     expected = ["manifest.json", "notes.txt", *(s["name"] for s in manifest["shards"])]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    assert listing(tmp_path) == sorted(expected)
 
 
 # ---- bad input: one clear error naming the file and what to do, and no output that looks valid ----
@@ -335,3 +343,121 @@ def test_cli_reports_user_errors_with_exit_code_2(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.txt does not exist" in err[0]
+
+
+# ---- never delete before success: the previous dataset survives any failed rebuild ----
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in listing(out) if (out / name).is_file()}
+
+
+def test_overwrite_with_bad_input_keeps_the_previous_dataset(tmp_path, capsys):
+    from gpt2repro.cli import main
+
+    out = tmp_path / "out"
+    prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+    before = snapshot(out)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n" * 2000 + "caf\xe9".encode("latin-1"))  # fails after shards are staged
+    code = main(
+        [
+            "prepare",
+            "--source",
+            "files",
+            str(bad),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--shard-tokens",
+            "40",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "is not UTF-8 text" in capsys.readouterr().err
+    assert snapshot(out) == before and listing(out) == sorted(before)
+    assert verify_dataset(out, trust_stamps=False).tokens == json.loads(before["manifest.json"])["num_tokens"]
+
+
+def test_overwrite_on_a_full_disk_keeps_the_previous_dataset(tmp_path, capsys):
+    from fs_faults import fill, tmpfs
+
+    from gpt2repro.cli import main
+
+    with tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        out = mnt / "data"
+        prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+        before = snapshot(out)
+        fill(mnt)
+        code = main(
+            [
+                "prepare",
+                "--source",
+                "embedded",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--max-tokens",
+                "200000",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"cannot write the dataset into {out}: no space left on the device" in err
+        assert f"the previous dataset in {out} is intact" in err
+        assert snapshot(out) == before and listing(out) == sorted(before)  # staging removed too
+        verify_dataset(out, trust_stamps=False)
+
+
+def test_read_only_output_is_one_line(tmp_path, capsys):
+    from fs_faults import tmpfs
+
+    from gpt2repro.cli import main
+
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        code = main(["prepare", "--source", "embedded", "--out", str(ro / "data"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert f"{ro / 'data'}: the file system is read-only" in err
+
+
+def test_a_rebuild_killed_at_any_rename_leaves_the_old_or_the_new_dataset(tmp_path, monkeypatch):
+    """Renames are the steps of a rebuild (staged shards, staged manifest, then the swap): killed before
+    the swap, the old dataset stands; killed during it, the next run finishes it; never a mix."""
+    real_replace = os.replace
+    seen = set()
+    for kill_at in range(100):  # every rename in turn, until one run gets through
+        out = tmp_path / f"out{kill_at}"
+        prepare.prepare_corpus(DOCS, out, workers=1, shard_tokens=40)
+        moves = []
+
+        def killed(src, dst, kill_at=kill_at, moves=moves):
+            if len(moves) == kill_at:
+                raise KeyboardInterrupt  # stands for SIGKILL between two renames of the swap
+            moves.append(src)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        try:
+            prepare.prepare_corpus(DOCS[:2], out, workers=1, overwrite=True)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        if not finished:
+            with pytest.raises(UserError, match="already holds a prepared dataset"):  # swap finished first
+                prepare.prepare_corpus(DOCS, out, workers=1)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["num_documents"] in (len(DOCS), 2), kill_at  # the old one or the new one
+        seen.add((finished, manifest["num_documents"]))
+        assert listing(out) == sorted(["manifest.json", *(s["name"] for s in manifest["shards"])]), kill_at
+        verify_dataset(out, trust_stamps=False)
+        if finished:
+            break
+    # interrupted in the build (old one kept), in the swap (finished by the next run), then not at all
+    assert seen == {(False, len(DOCS)), (False, 2), (True, 2)}

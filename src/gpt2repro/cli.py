@@ -1,7 +1,8 @@
 """The ``gpt2repro`` command: one sub-command per job, each defined next to the code it drives.
 
 Every sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Mistakes a user can
-fix (``UserError``) become one line on stderr and exit code 2, never a traceback.
+fix (``UserError``) become one line on stderr and exit code 2, never a traceback; so does any ``OSError``
+that reaches ``main`` (a full or read-only disk, a missing permission): its path and cause in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 
 from gpt2repro.errors import UserError
+from gpt2repro.files import user_error_for
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a fault no module turned into a UserError: still one line, not a traceback
+        action = "access" if e.filename is not None else f"finish `gpt2repro {args.command}`"
+        print(f"gpt2repro {args.command}: error: {user_error_for(e, action)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2repro {args.command}: interrupted", file=sys.stderr)

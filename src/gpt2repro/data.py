@@ -28,7 +28,6 @@ The loader's stream, precisely (this is what makes "every token exactly once per
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,14 +38,13 @@ import torch
 
 from gpt2repro.config import EOT_TOKEN_ID
 from gpt2repro.errors import UserError
+from gpt2repro.manifest import MANIFEST_NAME, SPLITS, read_manifest
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VOCAB_SIZE = EOT_TOKEN_ID + 1  # GPT-2 token ids are 0..50256
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
 # Documents are shuffled within windows of this many tokens of a shard (~16 MB of uint16): reads stay local in
 # the memory map while the order within a window is fully random.
 DOC_SHUFFLE_WINDOW = 1 << 23
@@ -129,42 +127,11 @@ def _read_npy_shard(path: Path) -> np.ndarray:
     return array
 
 
-def validate_shard(path: PathLike) -> int:
-    """Check a whole shard (header and every token id, reading it all); returns its token count."""
-    tokens = read_shard(path)
-    for start in range(0, len(tokens), 1 << 24):
-        chunk = tokens[start : start + (1 << 24)]
-        if int(chunk.max()) >= VOCAB_SIZE:
-            raise UserError(_bad_token_message(path, int(chunk.max())))
-    return len(tokens)
-
-
-def _bad_token_message(path: PathLike, token: int) -> str:
+def bad_token_message(path: PathLike, token: int, vocab_size: int = VOCAB_SIZE) -> str:
     return (
-        f"{path} contains token id {token} >= {VOCAB_SIZE} (GPT-2's vocabulary): the file is corrupt or was "
-        "made with another tokenizer; re-create it with `gpt2repro prepare`"
+        f"{path} contains token id {token} >= {vocab_size} (the vocabulary): the file is corrupt or was made "
+        "with another tokenizer; re-create it with `gpt2repro prepare`"
     )
-
-
-def verify_dataset(data_dir: PathLike) -> dict[str, int]:
-    """Validate every shard of ``data_dir`` (and its manifest sha256, if any); returns tokens per split."""
-    manifest = read_manifest(data_dir) or {"shards": []}
-    expected = {s["name"]: s.get("sha256") for s in manifest["shards"]}
-    counts = {}
-    for split in SPLITS:
-        counts[split] = 0
-        for path in shard_paths(data_dir, split):
-            counts[split] += validate_shard(path)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-            if expected.get(path.name) not in (None, digest.hexdigest()):
-                raise UserError(
-                    f"{path} does not match the sha256 in {MANIFEST_NAME}: the file changed or is corrupt; "
-                    "re-create the dataset with `gpt2repro prepare --overwrite`"
-                )
-    return counts
 
 
 def shard_paths(data_dir: PathLike, split: str) -> list[Path]:
@@ -189,21 +156,6 @@ def shard_paths(data_dir: PathLike, split: str) -> list[Path]:
         )
     _check_manifest(data_dir, split, paths)
     return paths
-
-
-def read_manifest(data_dir: PathLike) -> dict | None:
-    """``data_dir/manifest.json`` as a dict, or None for directories of other tools (llm.c, build-nanogpt)."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["shards"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(
-            f"{path} is not a valid manifest ({e}); re-run `gpt2repro prepare --overwrite`"
-        ) from e
-    return manifest
 
 
 def _check_manifest(data_dir: Path, split: str, paths: list[Path]) -> None:
@@ -298,7 +250,7 @@ class _ShardStream:
             a = offset - int(starts[k])
             chunk = self._read_shard_range(epoch, int(order[k]), a, a + take)
             if int(chunk.max()) >= VOCAB_SIZE:
-                raise UserError(_bad_token_message(self.paths[order[k]], int(chunk.max())))
+                raise UserError(bad_token_message(self.paths[order[k]], int(chunk.max())))
             out[filled : filled + take] = chunk
             filled += take
         return out

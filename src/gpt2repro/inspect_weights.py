@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from gpt2repro.checkpoint import is_run_dir, latest_checkpoint
 from gpt2repro.config import EOT_TOKEN_ID, PRESETS
 from gpt2repro.errors import UserError
+from gpt2repro.files import atomic_open, atomic_write, user_error_for
 from gpt2repro.model import GPT
 from gpt2repro.weights import CONV1D_WEIGHTS, load_or_init
 
@@ -98,12 +99,12 @@ def stats_markdown(rows: list[GroupStats]) -> str:
 
 def write_stats(rows: list[GroupStats], out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out_dir / "weight_stats.csv", out_dir / "weight_stats.md"
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, "w", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(STATS_COLUMNS)
         for r in rows:
             writer.writerow([r.group, r.tensors, r.numel, repr(r.mean), repr(r.std), repr(r.max_abs)])
-    md_path.write_text(stats_markdown(rows))
+    atomic_write(md_path, stats_markdown(rows))
     return csv_path, md_path
 
 
@@ -228,13 +229,17 @@ def inspect_model(
         "token_embedding_norms": token_embedding_norm_figure(model, label),
         "weight_heatmap": weight_heatmap_figure(model, matrix, matrix_size, label),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = {}
-    for name, fig in figures.items():
-        images[name] = out_dir / f"{name}.png"
-        fig.savefig(images[name], dpi=dpi, format="png")
     stats = weight_stats(model, per_layer=per_layer)
-    return InspectResult(images, figures, stats, write_stats(stats, out_dir))
+    images = {name: out_dir / f"{name}.png" for name in figures}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures.items():
+            with atomic_open(images[name], "wb") as f:
+                fig.savefig(f, dpi=dpi, format="png")
+        tables = write_stats(stats, out_dir)
+    except OSError as e:
+        raise user_error_for(e, "write the pictures into", out_dir) from e
+    return InspectResult(images, figures, stats, tables)
 
 
 def load_model(model: str | None, preset: str | None, seed: int = 1337) -> tuple[GPT, str]:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from gpt2repro.errors import UserError
+from gpt2repro.files import atomic_open, user_error_for
 
 log = logging.getLogger("gpt2repro")
 
@@ -150,7 +151,10 @@ def read_log(run_dir: str | Path) -> tuple[dict[int, dict], dict[int, dict], int
     leaves a partial line in the middle: both are skipped with a warning rather than failing the plot.
     """
     path = log_path(run_dir)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise user_error_for(e, "read the log", path) from e
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     skipped = 0
@@ -235,8 +239,8 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunLog:
         try:
             loaded = json.loads(config_file.read_text())
             config = loaded if isinstance(loaded, dict) else {}
-        except ValueError:
-            log.warning("%s is not valid JSON; plotting without it", config_file)
+        except (OSError, ValueError) as e:
+            log.warning("%s is not readable JSON (%s); plotting without it", config_file, e)
     return RunLog(
         run_dir=directory,
         name=name or directory.resolve().name,
@@ -398,8 +402,12 @@ def plot_runs(
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: only PNG output is supported; give a file name ending in .png")
     fig = draw_runs(runs, **draw_options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+    except OSError as e:
+        raise user_error_for(e, "write the plot", out) from e
     return out, fig
 
 

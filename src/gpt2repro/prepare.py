@@ -11,11 +11,12 @@ are exactly those of the whole text.
 Without ``--val-tokens`` the val split is ``min(10,485,760, 10% of the corpus)`` tokens; to know whether the
 corpus is small, the first ``10 x 10,485,760`` tokens are held in memory (~200 MB) before anything is split.
 
-Crash safety: shards are written into the hidden staging directory ``OUT/.prepare-partial/`` and moved
-into ``OUT`` only when the whole corpus is done; ``manifest.json`` is written last (temp + rename). So an
-interrupted run never leaves output that looks complete, and re-running restarts cleanly (the staging
-directory is removed). An ``OUT`` that already holds shards (a complete dataset, or another tool's shards)
-is refused unless ``--overwrite`` is given, which deletes them first.
+Crash safety (``dataset_out``): the new dataset is built in ``OUT/.prepare-partial/`` and swapped in only
+when complete, ``manifest.json`` last, so an interrupted or failed run (bad input, full disk, Ctrl-C,
+SIGKILL) never leaves output that looks complete and never touches the previous dataset. An ``OUT`` that
+already holds shards is refused unless ``--overwrite`` is given; then its shards are replaced only after
+the new ones are complete. One ``prepare`` at a time per ``OUT`` (an OS lock, ``files.DirectoryLock``).
+``gpt2repro prepare --verify DIR`` re-checks a dataset against its manifest (``verify.verify_dataset``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -37,10 +37,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2repro import sources
+from gpt2repro import dataset_out, sources
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.data import MANIFEST_NAME, SHARD_MAGIC, SHARD_VERSION, SPLITS, read_manifest, write_shard
+from gpt2repro.data import SHARD_MAGIC, SHARD_VERSION, SPLITS, VOCAB_SIZE
+from gpt2repro.dataset_out import ShardWriter
 from gpt2repro.errors import UserError
+from gpt2repro.files import DirectoryLock, user_error_for
 from gpt2repro.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_TOKENS = 10_485_760
 SMALL_CORPUS_VAL_FRACTION = 10  # val = 1/10 of a corpus smaller than 10 x DEFAULT_VAL_TOKENS
 BATCH_CHARS = 1 << 18  # documents are sent to the workers in batches of about this many characters
-STAGING_DIR = ".prepare-partial"
 
 
 def available_cores() -> int:
@@ -131,93 +132,6 @@ def encode_stream(documents: Iterable[str], workers: int) -> Iterator[np.ndarray
             yield pending.popleft().get()
 
 
-class _ShardWriter:
-    """Cuts the tokens into val, then train shards in the staging directory; ``finish`` publishes them."""
-
-    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
-        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
-        self.staging = out_dir / STAGING_DIR
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.fill = 0
-        self.split = "val"
-        self.shards: list[dict] = []
-
-    def write(self, tokens: np.ndarray, split: str) -> None:
-        if len(tokens) == 0:
-            return
-        if split != self.split:
-            self._flush()
-            self.split = split
-        while len(tokens):
-            take = min(len(tokens), self.shard_tokens - self.fill)
-            self.buffer[self.fill : self.fill + take] = tokens[:take]
-            self.fill += take
-            tokens = tokens[take:]
-            if self.fill == self.shard_tokens:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self.fill == 0:
-            return
-        name = f"{self.prefix}_{self.split}_{len(self.shards):06d}.bin"
-        self.staging.mkdir(exist_ok=True)
-        sha256 = write_shard(self.staging / name, self.buffer[: self.fill])
-        self.shards.append({"name": name, "split": self.split, "tokens": self.fill, "sha256": sha256})
-        self.fill = 0
-
-    def finish(self) -> list[dict]:
-        self._flush()
-        for shard in self.shards:
-            os.replace(self.staging / shard["name"], self.out_dir / shard["name"])
-        shutil.rmtree(self.staging, ignore_errors=True)
-        return self.shards
-
-
-def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Remove an interrupted run's staging directory; refuse (or, with overwrite, delete) existing shards."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / STAGING_DIR).exists():
-        shutil.rmtree(out_dir / STAGING_DIR)
-        log.info("removed the leftovers of an interrupted run from %s", out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
-    shards = [
-        p
-        for p in out_dir.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix in (".bin", ".npy")
-        and any(split in p.name for split in SPLITS)
-    ]
-    if not overwrite and manifest_path.exists():
-        manifest = read_manifest(out_dir)
-        raise UserError(
-            f"{out_dir} already holds a prepared dataset ({manifest.get('source', '?')}, "
-            f"{sum(s['tokens'] for s in manifest['shards'])} tokens); pass --overwrite to rebuild it "
-            "or choose another --out"
-        )
-    if not overwrite and shards:
-        raise UserError(
-            f"{out_dir} already holds {len(shards)} token shards without a {MANIFEST_NAME} (e.g. "
-            f"{shards[0].name}: another tool's, or an interrupted run's); pass --overwrite to delete them, "
-            "or choose another --out"
-        )
-    manifest_path.unlink(missing_ok=True)  # first, so a rebuild never looks complete half-way
-    for path in shards:
-        path.unlink()
-    if shards:
-        log.info("--overwrite: deleted %d shards from %s", len(shards), out_dir)
-
-
-def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    import json
-
-    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
-
-
 def prepare_corpus(
     documents: Iterable[str],
     out_dir: str | os.PathLike,
@@ -252,47 +166,64 @@ def prepare_corpus(
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     out_dir = Path(out_dir)
-    _prepare_output_dir(out_dir, overwrite)
-    writer = _ShardWriter(out_dir, source_name, shard_tokens)
+    with DirectoryLock(out_dir, what="dataset"):
+        old_files = dataset_out.existing_dataset(out_dir, overwrite)
+        try:
+            writer = ShardWriter(out_dir, source_name, shard_tokens)
+            manifest = _build(documents, writer, val_tokens, max_tokens, workers, progress)
+            manifest.update(source_info=source_info or {}, shard_tokens=shard_tokens)
+            dataset_out.stage_manifest(out_dir, manifest)
+            dataset_out.publish(out_dir, old_files)
+        except BaseException as e:
+            dataset_out.discard_staging(out_dir)
+            if isinstance(e, OSError):
+                kept = f"; the previous dataset in {out_dir} is intact" if old_files else ""
+                raise UserError(f"{user_error_for(e, 'write the dataset into', out_dir)}{kept}") from e
+            raise
+    return manifest
+
+
+def _build(
+    documents: Iterable[str],
+    writer: ShardWriter,
+    val_tokens: int | None,
+    max_tokens: int | None,
+    workers: int,
+    progress: bool,
+) -> dict:
+    """Tokenize into staged shards; the manifest (without source_info and shard_tokens)."""
     started = time.perf_counter()
-    try:
-        total, num_docs, val_count = _split_into_shards(
-            documents, writer, val_tokens, max_tokens, workers, progress
+    source_name = writer.prefix
+    total, num_docs, val_count = _split_into_shards(
+        documents, writer, val_tokens, max_tokens, workers, progress
+    )
+    if total == 0:
+        raise UserError(
+            f"the {source_name} corpus is empty: no document with text was found; check the input"
         )
-        if total == 0:
-            raise UserError(
-                f"the {source_name} corpus is empty: no document with text was found; check the input"
-            )
-        if total - val_count < 1 or val_count < 1:
-            raise UserError(
-                f"the {source_name} corpus has {total} tokens, too few for both a val split ({val_count}) "
-                "and a train split; give more text or a smaller --val-tokens"
-            )
-        shards = writer.finish()
-    except BaseException:
-        shutil.rmtree(out_dir / STAGING_DIR, ignore_errors=True)
-        raise
-    elapsed = time.perf_counter() - started
-    manifest = {
+    if total - val_count < 1 or val_count < 1:
+        raise UserError(
+            f"the {source_name} corpus has {total} tokens, too few for both a val split ({val_count}) "
+            "and a train split; give more text or a smaller --val-tokens"
+        )
+    shards = writer.finish()
+    return {
         "format": f"llm.c token shards (magic {SHARD_MAGIC}, version {SHARD_VERSION}, uint16)",
         "source": source_name,
-        "source_info": source_info or {},
         "tokenizer": "gpt2",
+        "vocab_size": VOCAB_SIZE,
         "eot_token": EOT_TOKEN_ID,
         "num_documents": num_docs,
         "num_tokens": {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in SPLITS},
-        "shard_tokens": shard_tokens,
         "shards": shards,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "seconds": round(elapsed, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    _write_manifest(out_dir, manifest)
-    return manifest
 
 
 def _split_into_shards(
     documents: Iterable[str],
-    writer: _ShardWriter,
+    writer: ShardWriter,
     val_tokens: int | None,
     max_tokens: int | None,
     workers: int,
@@ -350,8 +281,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embedded: the Python Language Reference shipped with CPython (offline); files: local "
         ".txt/.jsonl/.parquet; fineweb-edu: HF datasets streaming (default: %(default)s)",
     )
+    parser.add_argument("--out", metavar="DIR", help="output directory: shards + manifest.json")
     parser.add_argument(
-        "--out", required=True, metavar="DIR", help="output directory: shards + manifest.json"
+        "--verify",
+        metavar="DIR",
+        help="instead of preparing: re-check every shard of DIR against its manifest.json (sha256, "
+        "token ids), ignoring the stamps of earlier checks",
     )
     parser.add_argument(
         "--shard-tokens",
@@ -382,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the shards and manifest.json already in DIR, then rebuild",
+        help="rebuild DIR: the shards and manifest.json already there are replaced once the new ones "
+        "are complete (a failed rebuild leaves them as they were)",
     )
     parser.add_argument(
         "--split-on-blank-lines",
@@ -416,7 +352,20 @@ def _documents_for(args: argparse.Namespace) -> tuple[Iterable[str], dict]:
     return sources.fineweb_documents(args.subset, data_files=args.data_files), info
 
 
+def _verify(data_dir: str) -> int:
+    from gpt2repro.verify import verify_dataset
+
+    print(verify_dataset(data_dir, trust_stamps=False).summary())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        if args.out is not None:
+            raise UserError("--verify DIR checks an existing dataset; give it without --out")
+        return _verify(args.verify)
+    if args.out is None:
+        raise UserError("--out DIR is required: the directory to write the shards into (or --verify DIR)")
     documents, info = _documents_for(args)
     info["max_tokens"] = args.max_tokens
     manifest = prepare_corpus(

@@ -185,11 +185,8 @@ def run(args: argparse.Namespace) -> int:
     from gpt2repro.tokenizer import EOT, get_tokenizer
     from gpt2repro.weights import load_or_init
 
+    _check_arguments(args)
     temperature = 0.0 if args.greedy else args.temperature
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     options = SamplingOptions(
         temperature,
         args.top_k,
@@ -209,6 +206,11 @@ def run(args: argparse.Namespace) -> int:
 
     enc = get_tokenizer()
     prompt_ids = enc.encode(args.prompt, allowed_special={EOT}) or [EOT_TOKEN_ID]
+    context = model.config.block_size
+    if len(prompt_ids) > context:  # said here as a log line, so stream_tokens never needs to warn
+        log.warning(f"--prompt is {len(prompt_ids)} tokens, longer than the model's context ({context}): "
+                    f"the model sees only its last {context} tokens")
+        prompt_ids = prompt_ids[-context:]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     options = dataclasses.replace(options, generator=seeded_generator(args.seed, device))
     try:
@@ -220,6 +222,23 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `gpt2repro sample ... | head`: the reader left, nothing went wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Each number by its option name; nan and inf pass ``<``/``>`` tests, so they are refused first."""
+    for name in ("temperature", "top_p"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be a positive integer (or none), got {args.top_k}")
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def print_sample(

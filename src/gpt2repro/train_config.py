@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from gpt2repro.config import PRESETS as MODEL_PRESETS
 from gpt2repro.errors import UserError
+from gpt2repro.files import read_text_file
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMPILE_CHOICES = ("auto", "true", "false")
@@ -105,8 +107,10 @@ class TrainConfig:
         return self.total_batch // per_step
 
     def validate(self) -> None:
+        """Refuse, by option name, every value that cannot work, before anything is built or trained."""
         if self.model not in MODEL_PRESETS:
             raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        _check_finite(self)
         positive = ["seq_len", "micro_batch", "total_batch", "max_steps", "vocab_pad_multiple", "log_every",
                     "sample_tokens"]
         for name in positive:
@@ -138,9 +142,41 @@ class TrainConfig:
             raise UserError("no training data: pass --data DIR (a directory made by `gpt2repro prepare`)")
         if not self.out:
             raise UserError("no run directory: pass --out RUN_DIR")
+        _check_context(self)
+        self.grad_accum_steps(1)  # --total-batch a multiple of micro_batch * seq_len, said before any work
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """inf and nan pass every ``<``/``>`` test the wrong way (``--lr inf`` would fail at step 2)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{_flag(f.name)} must be a finite number, got {value}")
+
+
+def _check_context(cfg: TrainConfig) -> None:
+    """--seq-len must fit the model's context (where it is known before the weights are loaded)."""
+    from gpt2repro.config import GPTConfig
+    from gpt2repro.hub import HUB_ALIASES
+
+    gpt2_context = GPTConfig.__dataclass_fields__["block_size"].default  # the released models' 1024
+    if cfg.block_size is not None:
+        context, where = cfg.block_size, "--block-size"
+    elif cfg.init_from == "scratch":
+        context = MODEL_PRESETS[cfg.model].get("block_size", gpt2_context)
+        where = f"the {cfg.model} preset's context"
+    elif cfg.init_from in HUB_ALIASES:
+        context, where = gpt2_context, f"{cfg.init_from}'s context"
+    else:
+        return  # a checkpoint directory: its context is known once it is read
+    if cfg.seq_len > context:
+        raise UserError(
+            f"--seq-len {cfg.seq_len} is longer than the model's context ({where}: {context} tokens); "
+            "lower --seq-len or give a larger --block-size"
+        )
 
 
 # ---------------------------------------------------------------------- presets and overrides
@@ -232,8 +268,8 @@ def list_presets() -> list[str]:
 def load_preset(name: str) -> dict:
     path = preset_path(name)
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        raw = tomllib.loads(read_text_file(path, "preset"))
+    except tomllib.TOMLDecodeError as e:
         raise UserError(f"cannot read preset {path}: {e}") from e
     return {key: coerce(key, value, str(path)) for key, value in raw.items()}
 
