@@ -15,6 +15,7 @@ leaves a file that looks complete, and the previous checkpoint stays intact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gpt2repro.errors import UserError
-from gpt2repro.files import atomic_open, is_temp_file
+from gpt2repro.files import atomic_open, atomic_write, is_temp_file
 from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_train_state
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,6 +41,77 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+CHECKSUM_SUFFIX = ".sha256"  # step_XXXXXXXX.pt.sha256 beside a file; SHA256SUMS inside a sharded directory
+DIRECTORY_SUMS = "SHA256SUMS"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksum_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name != DIRECTORY_SUMS)
+
+
+def write_checksum(path: str | os.PathLike) -> None:
+    """Record the sha256 of a checkpoint (of each file of a sharded one), written after the data: a
+    checkpoint whose bytes changed since is refused on load instead of silently loading garbage."""
+    path = Path(path)
+    if path.is_dir():
+        lines = "".join(f"{_sha256(f)}  {f.name}\n" for f in _checksum_files(path))
+        atomic_write(path / DIRECTORY_SUMS, lines)
+    else:
+        atomic_write(path.with_name(path.name + CHECKSUM_SUFFIX), f"{_sha256(path)}  {path.name}\n")
+
+
+def verify_checksum(path: str | os.PathLike) -> bool:
+    """Raise a one-line UserError if ``path`` does not match its recorded sha256; False when it has no
+    record (checkpoints written before checksums existed load as they are)."""
+    path = Path(path)
+    record = path / DIRECTORY_SUMS if path.is_dir() else path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not record.is_file():
+        return False
+    expected = dict(reversed(line.split("  ", 1)) for line in record.read_text().splitlines() if line)
+    files = _checksum_files(path) if path.is_dir() else [path]
+    for f in files:
+        want = expected.get(f.name)
+        got = _sha256(f)
+        if want != got:
+            raise UserError(
+                f"checkpoint {f} is corrupt: its sha256 {got[:12]}... differs from the recorded "
+                f"{(want or 'none')[:12]}... ({record.name}); restore it from a copy, or delete "
+                f"{path} to fall back to the previous checkpoint"
+            )
+    return True
+
+
+def write_failed(e: Exception, path: Path, kept: Path | None) -> UserError:
+    """One line for a checkpoint that could not be written; the previous one is untouched."""
+    from gpt2repro.files import user_error_for
+
+    reason = user_error_for(e, "write checkpoint", path) if isinstance(e, OSError) else None
+    what = str(reason) if reason else f"cannot write checkpoint {path} ({str(e).splitlines()[0][:120]})"
+    kept_msg = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
+    return UserError(f"{what}; {kept_msg}: free space or fix the directory, then continue with --resume")
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that passes its checksum; each one skipped is logged with why."""
+    import logging
+
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checksum(path)
+            return path
+        except UserError as e:
+            logging.getLogger("gpt2repro").warning("skipping %s: %s", path.name, e)
+    return None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -63,10 +135,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint file, with one clear error if it is missing, truncated or not ours."""
     path = Path(path)
+    if path.name == "config.json" or path.suffix == ".json":
+        raise UserError(f"{path} is a run's configuration, not a checkpoint: pass the run directory "
+                        f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt")
     if is_sharded_checkpoint(path):
+        verify_checksum(path)
         return load_train_state(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    verify_checksum(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -82,6 +159,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the latest checkpoint of a run directory."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        raise UserError(f"{path} is a run's configuration, not a checkpoint: pass the run directory "
+                        f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt")
     if path.is_file() or is_sharded_checkpoint(path):
         return path
     latest = latest_checkpoint(path)
@@ -141,6 +221,7 @@ def remove_checkpoint(path: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+        path.with_name(path.name + CHECKSUM_SUFFIX).unlink(missing_ok=True)
 
 
 def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:

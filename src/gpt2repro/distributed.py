@@ -32,6 +32,17 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def info_from_env() -> DistInfo:
+    """This process's place as torchrun announced it, before (or without) joining the process group."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    try:
+        rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError as e:
+        raise UserError("RANK/WORLD_SIZE/LOCAL_RANK are malformed; launch with torchrun") from e
+    return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=True)
+
+
 def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; return this process's rank info and device.
 
@@ -41,10 +52,8 @@ def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
 
     if not launched_by_torchrun():
         return DistInfo(), pick_device(device_name)
-    try:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    except (KeyError, ValueError) as e:
-        raise UserError("RANK/WORLD_SIZE/LOCAL_RANK are malformed; launch with torchrun") from e
+    info = info_from_env()
+    local = info.local_rank
     device = pick_device(device_name)
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -57,7 +66,7 @@ def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=True), device
+    return info, device
 
 
 def teardown() -> None:

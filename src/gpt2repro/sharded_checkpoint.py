@@ -67,11 +67,12 @@ class PendingSave:
         if self.future is not None:
             self.future.result()  # re-raises a failed background write
         if dist.get_rank() == 0:
-            from gpt2repro.checkpoint import atomic_save
+            from gpt2repro.checkpoint import atomic_save, write_checksum
             from gpt2repro.files import fsync_dir
 
             staging = staging_path(self.final)
             atomic_save(self.train_state, staging / TRAIN_STATE)
+            write_checksum(staging)
             os.replace(staging, self.final)
             fsync_dir(self.final.parent)
         return self.final
@@ -116,7 +117,8 @@ def load_tensors_into(path: Path, model: torch.nn.Module, optimizer=None) -> Non
 
     state = _tensor_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        single = not (dist.is_available() and dist.is_initialized())  # e.g. `sample` on a laptop
+        dcp.load(state, checkpoint_id=str(path), no_dist=single)
     except Exception as e:
         raise UserError(
             f"sharded checkpoint {path} does not match this model/optimizer "

@@ -14,6 +14,7 @@ ends with bit-identical parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 from gpt2repro import checkpoint as ckpt_io
 from gpt2repro import distributed
 from gpt2repro.errors import UserError
+from gpt2repro.files import DirectoryLock
+from gpt2repro.parallel import resolve_mode
 from gpt2repro.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from gpt2repro.train_config import (
     TrainConfig,
@@ -30,6 +33,7 @@ from gpt2repro.train_config import (
     resume_conflicts,
 )
 from gpt2repro.training_run import TrainingRun
+from gpt2repro.verify import verify_dataset
 
 log = logging.getLogger("gpt2repro")
 
@@ -73,7 +77,9 @@ def _find_resume(resume: str | None, out: str | None) -> Path | None:
     if resume == "auto":
         if not out:
             raise UserError("--resume needs --out RUN_DIR (or --resume PATH, a run directory or checkpoint)")
-        latest = ckpt_io.latest_checkpoint(out)
+        latest = ckpt_io.newest_intact_checkpoint(out)
+        if latest is None and ckpt_io.list_checkpoints(out):
+            raise UserError(f"no checkpoint of {out} passes its checksum (see above): restore a copy")
         if latest is None:  # a scheduler can always pass --resume auto: the first attempt starts the run
             log.info("--resume: %s holds no checkpoint yet; starting a new run there", out)
         return latest
@@ -108,17 +114,39 @@ def train(
             f"data directory {cfg.data} does not exist; make it with "
             f"`gpt2repro prepare --source embedded --out {cfg.data}`"
         )
+    resolve_mode(cfg.parallel, distributed.info_from_env(), cfg.dtype)  # refuse before touching --out
     out = Path(cfg.out)
-    if saved is None and ckpt_io.list_checkpoints(out):
-        raise UserError(
-            f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
-        )
-    info, device = distributed.init(cfg.device)
-    try:
-        with StopSignals() as signals:
-            return TrainingRun(cfg, info, device, saved, resume_path).run(signals, argv)
-    finally:
-        distributed.teardown()
+    with _writer_lock(out):
+        if saved is None and ckpt_io.list_checkpoints(out):
+            raise UserError(
+                f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out"
+            )
+        info, device = distributed.init(cfg.device)
+        try:
+            verify_data(cfg.data, info)
+            with StopSignals() as signals:
+                return TrainingRun(cfg, info, device, saved, resume_path).run(signals, argv)
+        finally:
+            distributed.teardown()
+
+
+def _writer_lock(out: Path):
+    """Rank 0 (the only writer of the run directory) holds its lock; a second run on it stops at once."""
+    return DirectoryLock(out, what="run") if distributed.info_from_env().is_main else contextlib.nullcontext()
+
+
+def verify_data(data_dir: str, info: distributed.DistInfo) -> None:
+    """Every shard checked against the manifest before the first step (rank 0 hashes, remembered by a
+    stamp); a failure stops every rank with the same line instead of leaving the others waiting."""
+    error = None
+    if info.is_main:
+        try:
+            log.info(verify_dataset(data_dir).summary())
+        except UserError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error, info)
+    if error:
+        raise UserError(error)
 
 
 def _resolve_from(saved: dict, overrides: dict) -> TrainConfig:

@@ -335,7 +335,11 @@ class TrainingRun:
             )
             self._finish_pending_save(wait=not use_async)
         elif info.is_main:
-            ckpt_io.atomic_save({**self.trainer.state(), **extra}, path)
+            try:
+                ckpt_io.atomic_save({**self.trainer.state(), **extra}, path)
+                ckpt_io.write_checksum(path)
+            except (OSError, RuntimeError) as e:  # a full disk surfaces as either
+                raise ckpt_io.write_failed(e, path, self.last_checkpoint) from e
             self._checkpoint_done(path)
         distributed.barrier(info)
         self.last_checkpoint = path
