@@ -5,6 +5,9 @@
                           readers keep the last record of each (step, kind)
     RUN_DIR/samples.txt   periodic samples from a fixed prompt and a seeded generator
     RUN_DIR/checkpoints/  see checkpoint.py
+    RUN_DIR/tensorboard/  TensorBoard event files (``--log-to tensorboard``)
+    RUN_DIR/wandb_id      the W&B run id, so ``--resume`` continues that run (``--log-to wandb``; W&B's
+                          own files go to ``$WANDB_DIR`` or else ``RUN_DIR/wandb/``)
 
 (The README's run-directory table says the same for users.)
 """
@@ -16,6 +19,7 @@ import logging
 from pathlib import Path
 
 from gpt2repro import checkpoint as ckpt_io
+from gpt2repro.tracking import Trackers
 from gpt2repro.train_config import TrainConfig
 
 log = logging.getLogger("gpt2repro")
@@ -26,8 +30,10 @@ class RunWriter:
 
     def __init__(self, out: Path, active: bool):
         self.out, self.active = out, active
+        self.trackers = Trackers()
 
-    def start(self, cfg: TrainConfig, resumed: bool) -> None:
+    def start(self, cfg: TrainConfig, resumed: bool, step: int = 0) -> None:
+        """``step``: where a resumed run continues from (its checkpoint's step)."""
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -38,13 +44,20 @@ class RunWriter:
         stale = ckpt_io.remove_partial_writes(self.out)
         if stale:
             log.info("removed %d partial checkpoint write(s) of an interrupted run", len(stale))
+        self.trackers = Trackers.open(cfg, self.out, step if resumed else None, self.active)
 
     def record(self, rec: dict) -> None:
         if self.active:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            self.trackers.log(rec)
 
     def samples(self, step: int, texts: list[str]) -> None:
         if self.active:
             with open(self.out / "samples.txt", "a") as f:
                 f.write(f"=== step {step}\n" + "".join(f"--- {t}\n" for t in texts))
+            self.trackers.text(step, texts)
+
+    def close(self) -> None:
+        """Flush and close the trackers (log.jsonl and samples.txt are closed after every write)."""
+        self.trackers.close()

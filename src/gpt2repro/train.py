@@ -35,7 +35,14 @@ from gpt2repro.errors import UserError
 from gpt2repro.optim import lr_at, make_optimizer, set_lr
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.run_writer import RunWriter
-from gpt2repro.runtime import autocast, keep_freed_cpu_memory, parse_dtype, seeded_generator
+from gpt2repro.runtime import (
+    autocast,
+    format_memory,
+    keep_freed_cpu_memory,
+    memory_stats,
+    parse_dtype,
+    seeded_generator,
+)
 from gpt2repro.train_config import (
     TrainConfig,
     add_field_arguments,
@@ -254,7 +261,7 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
         trainer.load_state(saved)
         _restore_rank_state(saved, loader, info)
         progress.update({k: saved.get(k, progress[k]) for k in progress})
-    writer.start(cfg, resumed=saved is not None)
+    writer.start(cfg, resumed=saved is not None, step=trainer.step)
 
     raw = trainer.raw_model
     peak, peak_source = peak_flops(device, trainer.dtype)
@@ -290,13 +297,15 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
         last = step == cfg.max_steps or out_of_time
         if step % cfg.log_every == 0 or last or step == start_step + 1:
             rec = {"step": step, "tokens": progress["tokens"], "elapsed": round(progress["elapsed"], 3),
-                   **stats, "dt": dt, "tokens_per_s": tok_s, "mfu": util}
+                   **stats, "dt": dt, "tokens_per_s": tok_s, "mfu": util,
+                   **memory_stats(device, reset_peak=True)}
             writer.record(rec)
             eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.max_steps - step)
             log.info("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | dt %4.0fms | %6.0f tok/s | mfu %s"
-                     " | eta %s",
+                     " | %s | eta %s",
                      step, cfg.max_steps, stats["train_loss"], stats["lr"], stats["grad_norm"], dt * 1e3,
-                     tok_s, f"{util * 100:.1f}%" if util is not None else "n/a", _fmt_time(eta))
+                     tok_s, f"{util * 100:.1f}%" if util is not None else "n/a", format_memory(rec),
+                     _fmt_time(eta))
         if _due(step, cfg.eval_every, last):
             _evaluate(trainer, cfg, info, device, writer, progress, step, last)
         if _due(step, cfg.sample_every, last) and info.is_main and cfg.num_samples > 0:
@@ -310,6 +319,7 @@ def _train(cfg: TrainConfig, info, device: torch.device, saved: dict | None, res
             log.info("time limit of %gs reached at step %d/%d: stopping here (--resume continues the run)",
                      cfg.time_limit, step, cfg.max_steps)
             break
+    writer.close()
     if info.is_main:
         log.info("done: %d steps, %.0f s; val loss %s; run directory %s", trainer.step, progress["elapsed"],
                  f"{progress['val_loss']:.4f}" if progress["val_loss"] is not None else "n/a", cfg.out)
