@@ -332,6 +332,7 @@ class _HelpWithPreset(argparse.Action):
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.field_actions: list[tuple[dataclasses.Field, argparse.Action]] = []  # set by add_field_arguments
 
     def __call__(self, parser, namespace, values, option_string=None):
         preset = getattr(namespace, "preset", None)
@@ -340,10 +341,8 @@ class _HelpWithPreset(argparse.Action):
                 preset_values = load_preset(preset)
             except UserError as e:
                 parser.error(str(e))
-            by_dest = {f"field_{f.name}": f for f in dataclasses.fields(TrainConfig)}
-            for action in parser._actions:
-                if action.dest in by_dest and action.nargs is None:
-                    action.help = _help_text(by_dest[action.dest], preset_values, preset)
+            for f, action in self.field_actions:
+                action.help = _help_text(f, preset_values, preset)
         parser.print_help()
         parser.exit()
 
@@ -352,7 +351,7 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     """``--field-name VALUE`` for every TrainConfig field (strings here; typed in ``resolve``), each with
     its doc and default; ``--preset NAME --help`` adds the preset's values."""
     replaces_help = parser.add_argument_group(conflict_handler="resolve")  # argparse's own -h goes
-    replaces_help.add_argument(
+    help_action = replaces_help.add_argument(
         "-h",
         "--help",
         action=_HelpWithPreset,
@@ -360,13 +359,14 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("training fields (override the preset)")
     for f in dataclasses.fields(TrainConfig):
-        group.add_argument(
+        action = group.add_argument(
             f"--{_flag(f.name)}",
             dest=f"field_{f.name}",
             default=None,
             metavar=FIELD_TYPES[f.name].__name__.upper(),
             help=_help_text(f),
         )
+        help_action.field_actions.append((f, action))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
