@@ -67,7 +67,7 @@ def test_plot_figure_panels_and_data_of_real_run(run_dir, tmp_path):
 
     out, fig = plot_runs([run_dir], tmp_path / "p.png")
     assert out.is_file()
-    assert len(fig.axes) == 5  # loss/step, loss/tokens, lr, tokens/s, HellaSwag
+    assert len(fig.axes) == 6  # loss/step, loss/tokens, lr, tokens/s, HellaSwag, memory
     by_title = {ax.get_title(): ax for ax in fig.axes}
     loss_ax = by_title["loss by optimizer step"]
     raw, smooth, val = loss_ax.get_lines()[:3]
@@ -98,7 +98,7 @@ def test_plot_overlays_runs_with_a_legend(run_dir, tmp_path):
     (other / "log.jsonl").write_text("\n".join(records[:4]) + "\n" + records[4][:20])
     out, fig = plot_runs([run_dir, other], tmp_path / "both.png", log_scale=True)
     png_size(out)
-    assert len(fig.axes) == 5
+    assert len(fig.axes) == 6
     by_title = {ax.get_title(): ax for ax in fig.axes}
     loss_ax = by_title["loss by optimizer step"]
     labels = {t.get_text() for t in loss_ax.get_legend().get_texts()}

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gpt2repro.evals.cli", "HellaSwag, WikiText-2, LAMBADA, validation loss"),
     "plot": ("gpt2repro.plot", "plot loss/HellaSwag curves of one or more runs"),
     "inspect": ("gpt2repro.inspect_weights", "pictures and statistics of a model's weights"),
+    "export": ("gpt2repro.export", "a run as a Hugging Face model directory (weights, config, tokenizer)"),
 }
 
 

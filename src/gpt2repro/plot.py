@@ -34,7 +34,14 @@ GPT2_124M_HELLASWAG = 0.2955
 GPT3_125M_HELLASWAG = 0.337
 HELLASWAG_CHANCE = 0.25
 
-TRAIN_FIELDS = ("train_loss", "lr", "grad_norm", "dt", "tokens_per_s", "mfu")
+# log.jsonl's memory columns in MiB (runtime.memory_stats; a test keeps both in step) -> label, line style
+MEMORY_LINES = {
+    "cuda_max_allocated_mib": ("CUDA peak allocated", "-"),
+    "cuda_max_reserved_mib": ("CUDA peak reserved", "--"),
+    "cpu_rss_mib": ("CPU RSS", "-."),
+    "cpu_peak_rss_mib": ("CPU peak RSS", ":"),
+}
+TRAIN_FIELDS = ("train_loss", "lr", "grad_norm", "dt", "tokens_per_s", "mfu", *MEMORY_LINES)
 EVAL_FIELDS = ("val_loss", "hellaswag_acc", "hellaswag_acc_norm")
 
 
@@ -287,10 +294,27 @@ def ema(values: list[float], smoothing: float) -> list[float]:
 
 
 def _panel_names(runs: list[RunLog]) -> list[list[str]]:
+    """Two rows of two panels, then HellaSwag and memory (side by side, or one alone across the row)."""
     layout = [["loss_step", "loss_tokens"], ["lr", "throughput"]]
+    extra = []
     if any(run.evals.has("hellaswag_acc_norm") for run in runs):
-        layout.append(["hellaswag", "hellaswag"])
+        extra.append("hellaswag")
+    if any(run.train.has(name) for run in runs for name in MEMORY_LINES):
+        extra.append("memory")
+    if extra:
+        layout.append(extra if len(extra) == 2 else extra * 2)
     return layout
+
+
+def _draw_memory(ax, runs: list[RunLog], colors: list[str]) -> None:
+    """Each memory column of each run in GiB: one color per run, one line style per kind of memory."""
+    for run, color in zip(runs, colors, strict=True):
+        for name, (label, style) in MEMORY_LINES.items():
+            steps, mib = run.train.get(name)
+            gib = [v / 1024 for v in mib]
+            if steps:
+                ax.plot(steps, gib, color=color, linestyle=style, label=f"{run.name} {label}")
+    ax.set(title="memory (peak of each log interval)", xlabel="step", ylabel="GiB")
 
 
 def draw_runs(
@@ -301,16 +325,17 @@ def draw_runs(
     fineweb_edu_baseline: bool | None = None,
     title: str | None = None,
 ) -> Figure:
-    """The figure: loss vs step and vs tokens, LR, tokens/s, and HellaSwag acc_norm when any run logged it.
+    """The figure: loss vs step and vs tokens, LR, tokens/s, and HellaSwag acc_norm and memory when any run
+    logged them.
 
     ``smoothing=None`` picks the EMA coefficient per run (``auto_smoothing``); ``fineweb_edu_baseline=None``
     draws the GPT-2 124M FineWeb-Edu line only if a run trained on FineWeb-Edu.
-    Returns the (unsaved) Figure, 4 panels or 5 with HellaSwag.
+    Returns the (unsaved) Figure: 4 panels, 5 with HellaSwag or memory, 6 with both.
     """
     layout = _panel_names(runs)
     fig = Figure(figsize=(12, 4 * len(layout)), layout="constrained")
     ax = fig.subplot_mosaic(layout)
-    for name in ("lr", "throughput", "hellaswag"):  # every panel by step spans the same steps
+    for name in ("lr", "throughput", "hellaswag", "memory"):  # every panel by step spans the same steps
         if name in ax:
             ax[name].sharex(ax["loss_step"])
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -370,10 +395,12 @@ def draw_runs(
         hs.set_title("HellaSwag acc_norm")
         hs.set_xlabel("step")
         hs.set_ylabel("accuracy")
-    for name in ("lr", "throughput", "hellaswag"):
+    if "memory" in ax:
+        _draw_memory(ax["memory"], runs, colors)
+    for name in ("lr", "throughput", "hellaswag", "memory"):
         if name in ax:
             ax[name].grid(True, alpha=0.3)
-            if len(runs) > 1 or name == "hellaswag":
+            if len(runs) > 1 or name in ("hellaswag", "memory"):
                 ax[name].legend(fontsize="small")
     fig.suptitle(title or ", ".join(r.name for r in runs))
     return fig

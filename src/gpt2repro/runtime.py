@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -139,3 +140,61 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
+
+
+# log.jsonl keys of memory_stats, in MiB (plot.py and tracking.py read the same names)
+MEMORY_FIELDS = ("cuda_max_allocated_mib", "cuda_max_reserved_mib", "cpu_rss_mib", "cpu_peak_rss_mib")
+_MIB = 1 << 20
+
+
+def memory_stats(device: torch.device, reset_peak: bool = False) -> dict[str, float]:
+    """Memory of this process in MiB: on CUDA the peak allocated / reserved by torch's caching allocator
+    since the last reset (``reset_peak`` starts a new interval: the trainer reports the peak of each log
+    interval, as torchtitan does); always the current resident set and its peak over the process's life.
+
+    Allocated is what tensors hold; reserved is what the allocator keeps from the driver (what
+    ``nvidia-smi`` shows, minus the CUDA context); the gap is fragmentation and cache.
+    """
+    stats: dict[str, float] = {}
+    if device.type == "cuda":
+        stats["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / _MIB, 1)
+        stats["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / _MIB, 1)
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
+    rss = _current_rss_bytes()
+    if rss is not None:
+        stats["cpu_rss_mib"] = round(rss / _MIB, 1)
+    peak = _peak_rss_bytes()
+    if peak is not None:  # the kernel updates the peak lazily: it may trail the current RSS a little
+        stats["cpu_peak_rss_mib"] = round(max(peak, rss or 0) / _MIB, 1)
+    return stats
+
+
+def format_memory(stats: dict) -> str:
+    """The console's memory column: CUDA peak allocated/reserved where there is CUDA, else the RSS."""
+    if "cuda_max_allocated_mib" in stats:
+        allocated, reserved = stats["cuda_max_allocated_mib"] / 1024, stats["cuda_max_reserved_mib"] / 1024
+        return f"mem {allocated:.2f}/{reserved:.2f} GiB"
+    if "cpu_rss_mib" in stats:
+        return f"rss {stats['cpu_rss_mib']:.0f} MiB"
+    return "mem n/a"
+
+
+def _current_rss_bytes() -> int | None:
+    """Resident set size now (Linux /proc; None where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int | None:
+    """The largest resident set so far (getrusage: KiB on Linux, bytes on macOS; None on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import logging
 import math
+import re
 import tomllib
 import types
 import typing
@@ -21,9 +22,17 @@ from gpt2repro.config import PRESETS as MODEL_PRESETS
 from gpt2repro.errors import UserError
 from gpt2repro.files import read_text_file
 
+log = logging.getLogger("gpt2repro")
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMPILE_CHOICES = ("auto", "true", "false")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _field(default: object, doc: str):
+    """A TrainConfig field with its one-line doc: ``train --help`` and the preset TOMLs show the same text."""
+    return dataclasses.field(default=default, metadata={"help": doc})
 
 
 @dataclass
@@ -31,58 +40,75 @@ class TrainConfig:
     """Everything a training run depends on (defaults = build-nanogpt's GPT-2 124M reproduction)."""
 
     # ---- model
-    model: str = "gpt2"  # GPTConfig preset name (config.PRESETS)
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | DIR (weights only)
-    block_size: int | None = None  # context length; None = the model preset's (or checkpoint's)
-    n_layer: int | None = None  # architecture overrides of the preset (None = preset's)
-    n_head: int | None = None
-    n_embd: int | None = None
-    vocab_pad_multiple: int = 64  # 50257 -> 50304 rows: faster matmuls, padded logits never used
-    dropout: float = 0.0
-    activation_checkpointing: bool = False
+    model: str = _field("gpt2", f"architecture preset: {', '.join(MODEL_PRESETS)}")
+    init_from: str = _field("scratch", "scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF or run dir")
+    block_size: int | None = _field(None, "context length; none = the model preset's (or loaded weights')")
+    n_layer: int | None = _field(None, "transformer blocks; none = the model preset's")
+    n_head: int | None = _field(None, "attention heads per block; none = the model preset's")
+    n_embd: int | None = _field(None, "embedding width; none = the model preset's")
+    vocab_pad_multiple: int = _field(64, "pad the vocabulary to a multiple (50257 -> 50304): faster matmuls")
+    dropout: float = _field(0.0, "dropout on attention and residual paths (GPT-2 pretraining: 0)")
+    activation_checkpointing: bool = _field(False, "recompute activations in the backward pass: less memory")
     # ---- data and run directory
-    data: str = ""  # directory of prepared shards (gpt2repro prepare)
-    out: str = ""  # run directory
-    shuffle: bool = True  # shuffle the order of training sequences (per epoch, seeded)
-    # ---- batch: total_batch tokens per optimizer step = micro_batch * seq_len * grad_accum * world_size
-    seq_len: int = 1024
-    micro_batch: int = 64
-    total_batch: int = 524288
+    data: str = _field("", "directory of prepared token shards (gpt2repro prepare)")
+    out: str = _field("", "run directory (config.json, log.jsonl, samples.txt, checkpoints/)")
+    shuffle: bool = _field(True, "shuffle the order of training sequences (per epoch, seeded)")
+    # ---- batch
+    seq_len: int = _field(1024, "tokens per training sequence; with --block-size N alone: min(preset's, N)")
+    micro_batch: int = _field(64, "sequences per forward/backward pass on each process")
+    total_batch: int = _field(524288, "tokens per optimizer step = micro_batch * seq_len * accum * ranks")
     # ---- optimisation
-    max_steps: int = 19073
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 715
-    lr_decay_steps: int | None = None  # the step where the cosine reaches its floor; None = max_steps
-    weight_decay: float = 0.1  # on >= 2-D tensors only (matmul weights, embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    seed: int = 1337
+    max_steps: int = _field(19073, "optimizer steps of the whole run")
+    lr: float = _field(6e-4, "peak learning rate, reached after warmup")
+    min_lr_ratio: float = _field(0.1, "the cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = _field(715, "steps of linear warmup to lr")
+    lr_decay_steps: int | None = _field(None, "step where the cosine reaches its floor; none = max_steps")
+    weight_decay: float = _field(0.1, "AdamW weight decay, on >= 2-D tensors only (matmuls, embeddings)")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 disables")
+    seed: int = _field(1337, "seed of the initial weights, the data order and the samples")
     # ---- precision and speed
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling)
-    compile: str = "auto"  # auto (on for CUDA, off on CPU) | true | false
-    device: str = "auto"
-    parallel: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2 shards)
-    async_checkpoint: bool = False  # fsdp: write sharded checkpoints in the background (dcp.async_save)
+    dtype: str = _field("auto", "auto (bf16 where native) | fp32 | bf16 | fp16 (CUDA, with loss scaling)")
+    compile: str = _field("auto", "torch.compile: auto (on for CUDA, off on CPU) | true | false")
+    device: str = _field("auto", "auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps")
+    parallel: str = _field("auto", "auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2 shards)")
+    async_checkpoint: bool = _field(False, "fsdp: write sharded checkpoints in the background (async_save)")
     # ---- evaluation, logging, checkpoints
-    eval_every: int = 250  # steps between val-loss evaluations (0 = only at the end)
-    eval_tokens: int = 10_485_760  # tokens of the fixed val set (all ranks together)
-    eval_batch: int | None = None  # sequences per eval forward pass; None = micro_batch
-    log_every: int = 1
-    time_limit: float = 0.0  # seconds of training per invocation; when reached, finish early (0 = no limit)
-    checkpoint_every: int = 5000  # 0 = only at the end
-    keep_last: int = 2  # checkpoints kept besides the best-val one
-    keep_best: bool = True
-    sample_every: int = 250  # 0 = only at the end
-    sample_tokens: int = 32
-    num_samples: int = 4
-    hellaswag: str = ""  # path to HellaSwag val data (empty = skip)
-    hellaswag_every: int | None = None  # None = eval_every
-    hellaswag_limit: int | None = None  # examples per evaluation; None = all
+    eval_every: int = _field(250, "steps between val-loss evaluations (0 = only at the end)")
+    eval_tokens: int = _field(10_485_760, "tokens of the fixed val set (all ranks together)")
+    eval_batch: int | None = _field(None, "sequences per eval forward pass; none = micro_batch")
+    log_every: int = _field(1, "steps between log records (the first and last steps are always logged)")
+    log_to: str = _field("none", "trackers beside log.jsonl: tensorboard, wandb, tensorboard,wandb or none")
+    wandb_project: str = _field("gpt2repro", "W&B project (with --log-to wandb)")
+    wandb_run_name: str = _field("", "W&B run name; empty = the run directory's name")
+    time_limit: float = _field(0.0, "seconds of training per invocation, then finish early (0 = no limit)")
+    checkpoint_every: int = _field(5000, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = _field(2, "checkpoints kept besides the best-val one")
+    keep_best: bool = _field(True, "also keep the checkpoint with the best val loss")
+    sample_every: int = _field(250, "steps between text samples (0 = only at the end)")
+    sample_tokens: int = _field(32, "tokens per sample")
+    num_samples: int = _field(4, "samples each time (0 = none)")
+    hellaswag: str = _field("", "path to HellaSwag val data (empty = skip)")
+    hellaswag_every: int | None = _field(None, "steps between HellaSwag evaluations; none = eval_every")
+    hellaswag_limit: int | None = _field(None, "HellaSwag examples per evaluation; none = all")
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def log_targets(self) -> tuple[str, ...]:
+        """``log_to`` as tracker names (``"tensorboard,wandb"`` -> both); UserError for an unknown one."""
+        names = tuple(dict.fromkeys(n.strip().lower() for n in self.log_to.split(",") if n.strip()))
+        if names in ((), ("none",)):
+            return ()
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise UserError(
+                f"--log-to {self.log_to!r}: unknown tracker {unknown[0]!r}; choose "
+                f"{', '.join(TRACKERS)}, a comma list of them, or none"
+            )
+        return names
+
     @property
     def lr_floor_step(self) -> int:
         return self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
@@ -261,6 +287,24 @@ def preset_path(name: str) -> Path:
     return path
 
 
+_ASSIGNMENT = re.compile(r"""^(?P<key>[A-Za-z_]\w*)\s*=\s*(?P<value>"[^"]*"|'[^']*'|[^\s#]+)\s*(?:#.*)?$""")
+COMMENT_COLUMN = 30
+
+
+def preset_with_field_docs(text: str) -> str:
+    """A preset TOML whose every ``field = value`` line ends in ``# <the field's doc>``: the presets say
+    what each value means in the same words as ``train --help`` (a test keeps the shipped ones so).
+    Comment lines (the preset's own notes) and blank lines are kept as they are."""
+    lines = []
+    for line in text.splitlines():
+        match = _ASSIGNMENT.match(line)
+        if match and match["key"] in TrainConfig.__dataclass_fields__:
+            assignment = f"{match['key']} = {match['value']}"
+            line = f"{assignment.ljust(COMMENT_COLUMN - 2)}  # {field_help(match['key'])}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
@@ -280,29 +324,91 @@ def resolve(preset: str | None, overrides: dict[str, object]) -> TrainConfig:
     for key, value in overrides.items():
         if value is not None:
             values[key] = coerce(key, value, "command line")
+    _seq_len_follows_block_size(values, overrides)
     cfg = TrainConfig(**values)
     cfg.validate()
+    cfg.log_targets  # noqa: B018 - an unknown --log-to fails here, before any model is built
     return cfg
 
 
+def _seq_len_follows_block_size(values: dict, overrides: dict) -> None:
+    """``--block-size N`` without ``--seq-len`` (cropping a released model to fine-tune it): train on
+    sequences of min(preset's seq_len, N) instead of failing on a seq_len longer than the context."""
+    block_size = values.get("block_size")
+    if block_size is None or overrides.get("block_size") is None or overrides.get("seq_len") is not None:
+        return
+    seq_len = values.get("seq_len", TrainConfig.__dataclass_fields__["seq_len"].default)
+    if isinstance(block_size, int) and 0 < block_size < seq_len:
+        msg = "--block-size %d without --seq-len: training on sequences of %d tokens, not %d"
+        log.info(msg, block_size, block_size, seq_len)
+        values["seq_len"] = block_size
+
+
+def field_help(name: str) -> str:
+    """The one-line doc of a TrainConfig field."""
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def _help_text(f: dataclasses.Field, preset_values: dict | None = None, preset: str | None = None) -> str:
+    text = f"{f.metadata['help']} (default {_show(f.default)}"
+    if preset_values is not None and f.name in preset_values:
+        text += f"; preset {preset}: {_show(preset_values[f.name])}"
+    return (text + ")").replace("%", "%%")  # argparse %-formats help strings
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)
+
+
+class _HelpWithPreset(argparse.Action):
+    """``-h``: prints the help; with ``--preset NAME`` before it, each field shows the preset's value too."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.field_actions: list[tuple[dataclasses.Field, argparse.Action]] = []  # set by add_field_arguments
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        preset = getattr(namespace, "preset", None)
+        if preset:
+            try:
+                preset_values = load_preset(preset)
+            except UserError as e:
+                parser.error(str(e))
+            for f, action in self.field_actions:
+                action.help = _help_text(f, preset_values, preset)
+        parser.print_help()
+        parser.exit()
+
+
 def add_field_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--field-name VALUE`` for every TrainConfig field (strings here; typed in ``resolve``)."""
+    """``--field-name VALUE`` for every TrainConfig field (strings here; typed in ``resolve``), each with
+    its doc and default; ``--preset NAME --help`` adds the preset's values."""
+    replaces_help = parser.add_argument_group(conflict_handler="resolve")  # argparse's own -h goes
+    help_action = replaces_help.add_argument(
+        "-h",
+        "--help",
+        action=_HelpWithPreset,
+        help="show this help and exit (after --preset NAME: its values too)",
+    )
     group = parser.add_argument_group("training fields (override the preset)")
     for f in dataclasses.fields(TrainConfig):
-        default = f.default
-        group.add_argument(
-            f"--{_flag(f.name)}", dest=f"field_{f.name}", default=None,
-            metavar=FIELD_TYPES[f.name].__name__.upper(), help=f"default {default!r}",
+        action = group.add_argument(
+            f"--{_flag(f.name)}",
+            dest=f"field_{f.name}",
+            default=None,
+            metavar=FIELD_TYPES[f.name].__name__.upper(),
+            help=_help_text(f),
         )
+        help_action.field_actions.append((f, action))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
     return {f.name: getattr(args, f"field_{f.name}") for f in dataclasses.fields(TrainConfig)
             if getattr(args, f"field_{f.name}", None) is not None}
-
-
-def format_config(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
 
 
 # Fields that cannot change when a run is resumed: the parameters' shapes and the data stream's geometry.

@@ -22,7 +22,7 @@ from gpt2repro import distributed
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.preemption import Preempted, StopSignals, resume_command, signal_name
 from gpt2repro.run_writer import RunWriter
-from gpt2repro.runtime import autocast, seeded_generator
+from gpt2repro.runtime import autocast, format_memory, memory_stats, seeded_generator
 from gpt2repro.sharded_checkpoint import PendingSave, start_save
 from gpt2repro.train_config import TrainConfig
 from gpt2repro.trainer import Trainer, TrainingDiverged
@@ -97,7 +97,7 @@ class TrainingRun:
             self.trainer.load_state(saved)
             self._restore_rank_state(saved)
             self.state = RunState.from_checkpoint(saved)
-        self.writer.start(cfg, resumed=saved is not None)
+        self.writer.start(cfg, resumed=saved is not None, step=self.trainer.step)
         self.peak, peak_source = peak_flops(device, self.trainer.dtype)
         self._log_setup(peak_source)
         if saved is not None:
@@ -176,6 +176,7 @@ class TrainingRun:
             if stop:
                 self._stop_for_signal(int(stop), argv)
         self._finish_pending_save(wait=True)
+        self.writer.close()
         val = self.state.val_loss
         log.info(
             "done: %d steps, %.0f s; val loss %s; run directory %s",
@@ -228,10 +229,11 @@ class TrainingRun:
         cfg, step = self.cfg, self.trainer.step
         tok_s = cfg.total_batch / dt
         util = mfu(tok_s / self.info.world_size, self.model.config, cfg.seq_len, self.peak)
-        self.writer.record(self._record(**stats, dt=dt, tokens_per_s=tok_s, mfu=util))
+        memory = memory_stats(self.device, reset_peak=True)
+        self.writer.record(self._record(**stats, dt=dt, tokens_per_s=tok_s, mfu=util, **memory))
         eta = (time.perf_counter() - self.t_start) / (step - self.start_step) * (cfg.max_steps - step)
         log.info(
-            "step %5d/%d | loss %.4f | lr %.2e | norm %.3f | dt %4.0fms | %6.0f tok/s | mfu %s | eta %s",
+            "step %5d/%d | loss %.4f | lr %.2e | norm %.3f | dt %4.0fms | %6.0f tok/s | mfu %s | %s | eta %s",
             step,
             cfg.max_steps,
             stats["train_loss"],
@@ -240,6 +242,7 @@ class TrainingRun:
             dt * 1e3,
             tok_s,
             f"{util * 100:.1f}%" if util is not None else "n/a",
+            format_memory(memory),
             _fmt_time(eta),
         )
 

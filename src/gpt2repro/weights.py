@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gpt2repro.checkpoint import is_run_dir, load_checkpoint, resolve_checkpoint
-from gpt2repro.config import EOT_TOKEN_ID, GPTConfig
+from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.hub import download_model
 from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_tensors_into
@@ -316,19 +316,41 @@ def _strip_wrappers(key: str) -> str:
 
 # ====================================================================== saving
 def save_pretrained(model, directory: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads as is.
+    """A Hugging Face GPT-2 directory that ``transformers`` uses as is, offline: ``config.json``,
+    ``model.safetensors``, ``generation_config.json`` and the GPT-2 tokenizer files.
 
     Keys and layouts are Hugging Face's (``transformer.`` prefix, Conv1D transposes), padded vocabulary
     rows are dropped, and the tied head is not written (HF re-ties ``lm_head`` to ``wte``, exactly as
-    its own ``save_pretrained`` does).
+    its own ``save_pretrained`` does). Every file is written atomically: an interrupted save leaves the
+    previous file or the new one, never half a weight file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
+    from gpt2repro.files import atomic_write
+    from gpt2repro.runtime import unwrap
+    from gpt2repro.tokenizer import save_hf_tokenizer
+
+    model = unwrap(model)
     config: GPTConfig = model.config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(model)
+    dtype = next(iter(tensors.values())).dtype
+    atomic_write(directory / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+    hf_config = gpt_config_to_hf(config, dtype)
+    atomic_write(directory / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if k in hf_config}
+    atomic_write(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    if config.vocab_size == GPT2_VOCAB_SIZE:
+        save_hf_tokenizer(directory, model_max_length=config.block_size)
+    else:
+        log.info(f"no tokenizer written: the model has {config.vocab_size} tokens, GPT-2's {GPT2_VOCAB_SIZE}")
+    log.info(f"saved {model.num_params():,} parameters to {directory} (Hugging Face GPT-2 format)")
+
+
+def hf_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF GPT-2's names and layouts (real vocabulary rows, no tied head)."""
+    config: GPTConfig = model.config
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -339,10 +361,7 @@ def save_pretrained(model, directory: str | os.PathLike) -> None:
         if name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
         tensors[name] = tensor.contiguous()
-    dtype = next(iter(tensors.values())).dtype
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(gpt_config_to_hf(config, dtype), indent=2) + "\n")
-    log.info(f"saved {model.num_params():,} parameters to {directory} (Hugging Face GPT-2 format)")
+    return tensors
 
 
 def gpt_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
