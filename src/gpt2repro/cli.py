@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gpt2repro.evals.cli", "HellaSwag, WikiText-2, LAMBADA, validation loss"),
     "plot": ("gpt2repro.plot", "plot loss/HellaSwag curves of one or more runs"),
     "inspect": ("gpt2repro.inspect_weights", "pictures and statistics of a model's weights"),
+    "doctor": ("gpt2repro.doctor", "check this machine: every CUDA/CPU path a run needs, with timings"),
 }
 
 

@@ -1,0 +1,203 @@
+"""``gpt2repro doctor``: the real CPU run (every row passes or is skipped with a reason), the JSON schema and
+Markdown it writes, the rendering, and a failing check turning into a failed row and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt2repro.doctor import CHECKS, execute
+from gpt2repro.doctor.harness import GIB, batch_for_memory
+from gpt2repro.doctor.report import (
+    FAIL,
+    PASS,
+    SCHEMA,
+    SKIPPED,
+    Report,
+    Row,
+    failed,
+    passed,
+    render_markdown,
+    render_table,
+    skipped,
+    to_json,
+)
+from gpt2repro.doctor.runner import Check, known_fix
+
+ROW_KEYS = {"name", "status", "figure", "detail", "call", "fix", "seconds", "metrics"}
+EXPECTED_ROWS = [
+    "environment",
+    "MFU peak",
+    "attention kernel",
+    "torch.compile",
+    "training speed",
+    "training loss",
+    "evaluation",
+    "compiled = eager",
+    "generation KV cache",
+    "fp16 + GradScaler",
+    "checkpoint resume",
+    "DDP",
+    "all-reduce bandwidth",
+    "FSDP",
+]
+CUDA_ONLY = ["fp16 + GradScaler"]
+
+
+@pytest.mark.slow
+def test_cpu_quick_run_passes_every_row_or_skips_with_a_reason(tmp_path):
+    json_path, md_path = tmp_path / "doctor.json", tmp_path / "doctor.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # shared CI cores: one thread per process
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2repro",
+            "doctor",
+            "--device",
+            "cpu",
+            "--quick",
+            "--json",
+            str(json_path),
+            "--markdown",
+            str(md_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "all checks passed" in proc.stdout and "Traceback" not in proc.stderr
+
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == SCHEMA and doc["device"] == "cpu" and doc["quick"] is True and doc["ok"] is True
+    assert doc["command"] == "gpt2repro doctor --device cpu --quick"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert [r["name"] for r in doc["rows"]] == EXPECTED_ROWS
+    for row in doc["rows"]:
+        assert set(row) == ROW_KEYS and isinstance(row["metrics"], dict), row
+        assert row["status"] in (PASS, SKIPPED), row
+        if row["status"] == SKIPPED:
+            assert row["detail"], row
+        else:
+            assert row["figure"], row
+    assert doc["counts"] == {
+        PASS: sum(r["status"] == PASS for r in doc["rows"]),
+        FAIL: 0,
+        SKIPPED: sum(r["status"] == SKIPPED for r in doc["rows"]),
+    }
+    for name in CUDA_ONLY:
+        assert rows[name]["status"] == SKIPPED and "no CUDA" in rows[name]["detail"]
+    assert "--quick" in rows["torch.compile"]["detail"]
+    assert rows["FSDP"]["detail"] == "--parallel fsdp not available yet"
+    # the figures behind the passes
+    loss = rows["training loss"]["metrics"]
+    assert loss["final_loss"] < loss["target"] < 10.82 < loss["first_loss"] + 0.5
+    assert rows["checkpoint resume"]["metrics"]["bit_identical"] is True
+    assert rows["DDP"]["metrics"]["world_size"] == 2 and rows["DDP"]["metrics"]["backend"] == "gloo"
+    assert rows["training speed"]["metrics"]["tokens_per_s"] > 0
+    assert rows["MFU peak"]["metrics"]["source"] == "measured"
+
+    md = md_path.read_text()
+    assert md.startswith("### `gpt2repro doctor --device cpu --quick` on cpu (--quick)")
+    assert "| check | status | figure |" in md
+    for name in EXPECTED_ROWS:
+        assert f"| {name} |" in md
+    assert "no CUDA" in md  # the reasons of skipped rows
+
+
+def _report() -> Report:
+    return Report(
+        device="cuda:0",
+        quick=False,
+        seconds=12.5,
+        rows=[
+            passed("environment", "torch 2.13 | CUDA 12.6", torch="2.13"),
+            skipped("fp16 + GradScaler", "no CUDA: fp16 with loss scaling is the path for GPUs without bf16"),
+            failed(
+                "attention kernel",
+                "F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION)",
+                "flash attention unavailable on this GPU: falling back to memory-efficient",
+                fix="install an official torch wheel",
+            ),
+        ],
+    )
+
+
+def test_table_names_the_failing_call_and_the_fix():
+    table = render_table(_report(), width=100)
+    assert table.splitlines()[0].split() == ["check", "status", "time", "figure"]
+    assert "failing call: F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION)" in table
+    assert "fix: install an official torch wheel" in table
+    assert "why: no CUDA" in table
+    assert "1 check(s) FAILED: 1 passed, 1 failed, 1 skipped in 12 s on cuda:0" in table
+    assert all(len(line) <= 100 for line in table.splitlines())
+
+
+def test_json_and_markdown_of_a_report():
+    report = _report()
+    doc = json.loads(to_json(report))
+    assert doc["schema"] == SCHEMA and doc["ok"] is False and doc["counts"] == {PASS: 1, FAIL: 1, SKIPPED: 1}
+    assert [r["status"] for r in doc["rows"]] == [PASS, SKIPPED, FAIL]
+    assert doc["rows"][0]["metrics"] == {"torch": "2.13"}
+    md = render_markdown(report)
+    assert "| environment | pass | torch 2.13 \\| CUDA 12.6 |" in md  # a | inside a cell is escaped
+    assert "FAILED: 1 passed, 1 failed, 1 skipped" in md
+    assert "- **attention kernel** (fail): failing call: F.scaled_dot_product_attention" in md
+    assert "fix: install an official torch wheel" in md
+
+
+def test_a_row_is_pass_fail_or_skipped_with_a_reason():
+    with pytest.raises(ValueError, match="must say why"):
+        Row("x", SKIPPED)
+    with pytest.raises(ValueError, match="status must be one of"):
+        Row("x", "ok")
+
+
+def _fine(ctx) -> list[Row]:
+    return [passed("fine", "42")]
+
+
+def _runs_out_of_memory(ctx) -> list[Row]:
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_failing_check_is_a_failed_row_and_exit_code_1(tmp_path, capsys):
+    json_path, md_path = tmp_path / "d.json", tmp_path / "d.md"
+    checks = [Check("crashing", _runs_out_of_memory), Check("fine", _fine)]
+    code = execute("cpu", quick=True, json_path=str(json_path), markdown_path=str(md_path), checks=checks)
+    assert code == 1
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("crashing", FAIL),
+        ("fine", PASS),
+    ]  # later checks ran
+    call = rows[0]["call"]
+    assert call.startswith("_runs_out_of_memory (tests/test_doctor.py:")
+    assert call.endswith("raised RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "--micro-batch" in rows[0]["fix"]
+    out = capsys.readouterr().out
+    assert "failing call: _runs_out_of_memory" in out and "1 check(s) FAILED" in out
+    assert "| crashing | fail |" in md_path.read_text()
+    assert execute("cpu", quick=True, checks=[Check("fine", _fine)]) == 0
+
+
+def test_every_check_has_a_distinct_name():
+    names = [c.name for c in CHECKS]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("free_gib, batch", [(139, 16), (24, 16), (16, 8), (8, 4), (5, 1), (2, 1)])
+def test_gpu_batch_is_picked_by_free_memory(free_gib, batch):
+    assert batch_for_memory(free_gib * GIB, 16) == batch
+
+
+def test_known_fixes():
+    assert "NCCL_DEBUG=INFO" in known_fix("RuntimeError: NCCL error in: ProcessGroupNCCL.cpp, unhandled")
+    assert "--compile false" in known_fix("torch._dynamo.exc.BackendCompilerFailed: backend='inductor'")
+    assert known_fix("ValueError: something new") == ""
