@@ -7,11 +7,16 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import torch
 
-from gpt2repro.doctor import CHECKS, execute
-from gpt2repro.doctor.harness import GIB, batch_for_memory
+from gpt2repro.doctor import CHECKS, checks_train, execute
+from gpt2repro.doctor.checks_env import build_runs_on
+from gpt2repro.doctor.checks_eval import check_compiled_matches_eager
+from gpt2repro.doctor.checks_train import check_training
+from gpt2repro.doctor.harness import GIB, DoctorContext, batch_for_memory, sizes_for
 from gpt2repro.doctor.report import (
     FAIL,
     PASS,
@@ -201,3 +206,62 @@ def test_known_fixes():
     assert "NCCL_DEBUG=INFO" in known_fix("RuntimeError: NCCL error in: ProcessGroupNCCL.cpp, unhandled")
     assert "--compile false" in known_fix("torch._dynamo.exc.BackendCompilerFailed: backend='inductor'")
     assert known_fix("ValueError: something new") == ""
+
+
+class _BrokenCompiler(torch.nn.Module):
+    """What ``torch.compile`` returns where inductor cannot build kernels: the first call raises."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: Cannot find a working triton")
+
+
+def test_a_broken_torch_compile_fails_its_row_and_the_rest_runs_eager(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: _BrokenCompiler(module))
+    device = torch.device("cpu")
+    sizes = replace(sizes_for(device, quick=True), compile=True, train_steps=3, loss_target=11.0)
+    ctx = DoctorContext(device, True, sizes, tmp_path)
+    compile_row, speed, loss = check_training(ctx)
+    assert compile_row.name == "torch.compile" and compile_row.status == FAIL
+    assert compile_row.call.startswith("forward (tests/test_doctor.py:")
+    assert "--compile false" in compile_row.fix
+    assert speed.status == PASS and "eager: torch.compile failed" in speed.detail
+    assert speed.metrics["compiled"] is False and loss.status == PASS
+    assert ctx.trained is not None and not ctx.sizes.compile
+    assert check_compiled_matches_eager(ctx)[0].detail == "torch.compile failed (see its row)"
+
+
+def test_out_of_memory_halves_the_gpu_batch(tmp_path, monkeypatch):
+    tried = []
+
+    def short_run(ctx, sizes):
+        tried.append(sizes.micro_batch)
+        if sizes.micro_batch > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "ran"
+
+    monkeypatch.setattr(checks_train, "_short_run", short_run)
+    sizes = replace(sizes_for(torch.device("cpu"), quick=True), micro_batch=16)
+    ctx = DoctorContext(torch.device("cuda", 0), False, sizes, tmp_path)
+    assert checks_train._run_fitting_memory(ctx) == (
+        "ran",
+        ["B=16 ran out of memory", "B=8 ran out of memory"],
+    )
+    assert tried == [16, 8, 4]
+
+
+@pytest.mark.parametrize(
+    "capability, arch_list, runs",
+    [
+        ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # a 4090 runs sm_86 cubins
+        ((9, 0), ["sm_80", "sm_90a"], True),
+        ((12, 0), ["sm_80", "sm_90"], False),  # a too-old torch for Blackwell
+        ((12, 0), ["sm_90", "compute_90"], True),  # ... unless it ships PTX to JIT
+        ((7, 0), ["sm_80", "compute_80"], False),
+    ],
+)
+def test_which_gpus_a_torch_build_has_kernels_for(capability, arch_list, runs):
+    assert build_runs_on(capability, arch_list) is runs

@@ -138,8 +138,8 @@ def _ddp_row(result: dict, reference: list[float], n: int, backend: str, per_ran
 def _bandwidth_row(result: dict) -> Row:
     bw, n = result["allreduce"], result["world_size"]
     figure = (
-        f"{bw['mib']} MiB fp32 all-reduce ({bw['backend']}, {n} ranks): {bw['seconds'] * 1e3:.2f} ms · "
-        f"bus bandwidth {bw['busbw_gbs']:.1f} GB/s · algorithm bandwidth {bw['algbw_gbs']:.1f} GB/s"
+        f"{bw['mib']} MiB fp32 all-reduce ({bw['backend']}, {n} ranks): {bw['seconds'] * 1e3:.2f} ms; "
+        f"bus bandwidth {bw['busbw_gbs']:.1f} GB/s; algorithm bandwidth {bw['algbw_gbs']:.1f} GB/s"
     )
     note = "one rank: no traffic between devices, the bus bandwidth is 0 by definition" if n == 1 else ""
     return passed("all-reduce bandwidth", figure, note, **bw)

@@ -22,6 +22,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch built for ``arch_list`` (``sm_86``, ``compute_90``, ...) has kernels for a GPU of
+    ``capability``: a cubin of the same major version and no newer minor, or PTX no newer than the GPU."""
+    if not arch_list:
+        return True  # unknown: do not fail on it
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        digits = digits.rstrip("af")  # sm_90a, sm_100f: architecture-specific variants
+        if not digits.isdigit():
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if kind == "compute" and built <= capability:
+            return True
+    return False
+
+
 def _cuda_facts(device: torch.device) -> dict:
     props = torch.cuda.get_device_properties(device)
     free, total = torch.cuda.mem_get_info(device)
@@ -29,7 +47,6 @@ def _cuda_facts(device: torch.device) -> dict:
     if torch.distributed.is_available() and torch.distributed.is_nccl_available():
         version = torch.cuda.nccl.version()
         nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-    sm = f"sm_{props.major}{props.minor}"
     arch_list = torch.cuda.get_arch_list()
     return {
         "cuda": torch.version.cuda,
@@ -42,7 +59,7 @@ def _cuda_facts(device: torch.device) -> dict:
         "capability": f"{props.major}.{props.minor}",
         "bf16": torch.cuda.is_bf16_supported(),
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32),
-        "arch_in_build": sm in arch_list or any(a.startswith("compute_") for a in arch_list),
+        "arch_in_build": build_runs_on((props.major, props.minor), arch_list),
     }
 
 
@@ -67,10 +84,10 @@ def check_environment(ctx: DoctorContext) -> list[Row]:
         torch.backends.cudnn.allow_tf32 = True
         facts = {"torch": torch.__version__, **_cuda_facts(device)}
         figure = (
-            f"torch {facts['torch']} · CUDA {facts['cuda']} · cuDNN {facts['cudnn']} · NCCL {facts['nccl']}"
-            f" · {facts['gpu_count']}x {facts['device_name']} · {facts['memory_gib']} GiB "
-            f"({facts['free_gib']} free) · sm {facts['capability']} · bf16 {'yes' if facts['bf16'] else 'no'}"
-            f" · TF32 {'on' if facts['tf32'] else 'off'}"
+            f"torch {facts['torch']}; CUDA {facts['cuda']}; cuDNN {facts['cudnn']}; NCCL {facts['nccl']}"
+            f"; {facts['gpu_count']}x {facts['device_name']}; {facts['memory_gib']} GiB "
+            f"({facts['free_gib']} free); sm {facts['capability']}; bf16 {'yes' if facts['bf16'] else 'no'}"
+            f"; TF32 {'on' if facts['tf32'] else 'off'}"
         )
         if not facts["arch_in_build"]:
             sm = "sm_" + facts["capability"].replace(".", "")
@@ -87,12 +104,12 @@ def check_environment(ctx: DoctorContext) -> list[Row]:
         return [passed("environment", figure, **facts)]
     facts = {"torch": torch.__version__, "cuda": torch.version.cuda, **_host_facts(device)}
     figure = (
-        f"torch {facts['torch']} · {'CPU build' if facts['cuda'] is None else 'CUDA ' + facts['cuda']}"
-        f" · {device.type}: {facts['device_name']} · {facts['threads']} threads · "
+        f"torch {facts['torch']}; {'CPU build' if facts['cuda'] is None else 'CUDA ' + facts['cuda']}"
+        f"; {device.type}: {facts['device_name']}; {facts['threads']} threads; "
         f"{facts['cpu_capability']}"
     )
     if "bf16" in facts:
-        figure += f" · native bf16 {'yes' if facts['bf16'] else 'no (training runs fp32)'}"
+        figure += f"; native bf16 {'yes' if facts['bf16'] else 'no (training runs fp32)'}"
     return [passed("environment", figure, **facts)]
 
 
@@ -213,8 +230,8 @@ def check_attention(ctx: DoctorContext) -> list[Row]:
     tol = 1e-4 if dtype == "fp32" else 3e-2
     metrics.update(explicit_rel_diff=rel, tolerance=tol)
     figure = (
-        f"default {default} · forced flash {'ok' if runs == 'FLASH_ATTENTION' else 'unavailable'}"
-        f" · explicit agrees {rel:.1e} (tol {tol:.0e}) · {dtype} B,H,T,D={shape}"
+        f"default {default}; forced flash {'ok' if runs == 'FLASH_ATTENTION' else 'unavailable'}"
+        f"; explicit agrees {rel:.1e} (tol {tol:.0e}); {dtype} B,H,T,D={shape}"
     )
     if rel > tol:
         return [

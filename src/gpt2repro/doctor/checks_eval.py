@@ -91,7 +91,7 @@ def check_evaluation(ctx: DoctorContext) -> list[Row]:
     tol = _tolerance(trainer.dtype, 1e-4, 3e-2)
     acc = sum(sc.pred_norm == sc.label for sc in scores) / len(scores)
     figure = (
-        f"val loss {val['loss']:.3f} on {val['tokens']:,} tokens · HellaSwag scorer on {len(items)} "
+        f"val loss {val['loss']:.3f} on {val['tokens']:,} tokens; HellaSwag scorer on {len(items)} "
         f"synthetic items: acc_norm {acc:.2f}, = direct forward within {worst:.1e} (tol {tol:.0e})"
     )
     metrics = dict(
@@ -141,20 +141,22 @@ def check_compiled_matches_eager(ctx: DoctorContext) -> list[Row]:
     x, y = x.to(ctx.device), y.to(ctx.device)
     trainer.model.train()
     with autocast(ctx.device, trainer.dtype):
-        logits_c, loss_c = trainer.model(x, y)
-        logits_e, loss_e = trainer.raw_model(x, y)
-    loss_rel = abs(float(loss_c) - float(loss_e)) / abs(float(loss_e))
+        logits_c, loss_c = trainer.model(x, y)  # gradients on, as in training: the same compiled graph
+        with torch.no_grad():
+            logits_e, loss_e = trainer.raw_model(x, y)
+    loss_c, loss_e = float(loss_c), float(loss_e)
+    loss_rel = abs(loss_c - loss_e) / abs(loss_e)
     logit_rel = float((logits_c.float() - logits_e.float()).abs().max() / logits_e.float().abs().max())
-    del logits_c, logits_e
+    del logits_c, logits_e  # free the compiled forward's graph
     tol_loss = _tolerance(trainer.dtype, 1e-3, 1e-2)  # fp32 on CUDA runs TF32 matmuls
     tol_logits = _tolerance(trainer.dtype, 1e-2, 6e-2)
     figure = (
-        f"loss {float(loss_c):.4f} vs {float(loss_e):.4f} (rel {loss_rel:.1e}, tol {tol_loss:.0e}) · "
-        f"max logit diff {logit_rel:.1e} of max (tol {tol_logits:.0e}) · {trainer.dtype}"
+        f"loss {loss_c:.4f} vs {loss_e:.4f} (rel {loss_rel:.1e}, tol {tol_loss:.0e}); "
+        f"max logit diff {logit_rel:.1e} of max (tol {tol_logits:.0e}); {trainer.dtype}"
     )
     metrics = dict(
-        loss_compiled=float(loss_c),
-        loss_eager=float(loss_e),
+        loss_compiled=loss_c,
+        loss_eager=loss_e,
         loss_rel_diff=loss_rel,
         logits_rel_diff=logit_rel,
     )

@@ -54,7 +54,7 @@ def check_fp16(ctx: DoctorContext) -> list[Row]:
     untouched = all(torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters(), strict=True))
     backed_off = trainer.scaler.get_scale() < OVERFLOW_SCALE
     figure = (
-        f"grad norm {norm:.3f} = fp32's {ref_norm:.3f} x {ratio:.3f} (unscaled before clipping) · overflow "
+        f"grad norm {norm:.3f} = fp32's {ref_norm:.3f} x {ratio:.3f} (unscaled before clipping); overflow "
         f"at scale 2^40: step {'skipped' if untouched else 'APPLIED'}, scale -> "
         f"{trainer.scaler.get_scale():.3g}"
     )
@@ -122,7 +122,7 @@ def check_checkpoint(ctx: DoctorContext) -> list[Row]:
     mib = path.stat().st_size / 2**20
     figure = (
         f"step {steps + 1} loss {loss_resumed:.6f} vs {loss_uninterrupted:.6f}: |diff| {loss_diff:.1e}, "
-        f"params |diff| {param_diff:.1e}{' (bit-identical)' if exact else ''} · {mib:.0f} MiB checkpoint"
+        f"params |diff| {param_diff:.1e}{' (bit-identical)' if exact else ''}; {mib:.0f} MiB checkpoint"
     )
     metrics = dict(loss_diff=loss_diff, param_diff=param_diff, bit_identical=exact, checkpoint_mib=mib)
     # CPU kernels are deterministic (the README promises bit-exact resume there); GPU kernels are not quite.

@@ -3,12 +3,13 @@ real tokens (the embedded corpus) whose loss must fall well below ln(50257)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +26,7 @@ from gpt2repro.doctor.harness import (
     with_batch,
 )
 from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.runner import failing_call, known_fix
 
 
 @dataclass
@@ -79,44 +81,75 @@ def _run_fitting_memory(ctx: DoctorContext) -> tuple[ShortRun, list[str]]:
     """The short run, halving the batch after a CUDA out-of-memory error (a GPU shared with others)."""
     sizes, notes = ctx.sizes, []
     while True:
+        out_of_memory = False
         try:
             return _short_run(ctx, sizes), notes
         except torch.cuda.OutOfMemoryError:
             if ctx.device.type != "cuda" or sizes.micro_batch == 1:
                 raise
+            out_of_memory = True
+        if out_of_memory:  # outside the except block: its traceback no longer holds the trainer
             notes.append(f"B={sizes.micro_batch} ran out of memory")
             sizes = with_batch(sizes, sizes.micro_batch // 2)
+            gc.collect()
+            torch.compiler.reset()
             torch.cuda.empty_cache()
+
+
+def _train_even_if_compile_fails(ctx: DoctorContext) -> tuple[ShortRun, list[str], Row | None]:
+    """The short run; if the compiled one raises, a failed ``torch.compile`` row and an eager run, so that
+    a broken compiler (no triton, no C compiler) still leaves every other row measured."""
+    compile_failure = None
+    try:
+        run, notes = _run_fitting_memory(ctx)
+        return run, notes, None
+    except Exception as e:
+        if not ctx.sizes.compile:
+            raise
+        compile_failure = failed(
+            "torch.compile",
+            failing_call(e),
+            "the compiled training step raised; the other rows ran eager",
+            fix=known_fix(f"{type(e).__name__}: {e}"),
+        )
+    gc.collect()
+    torch.compiler.reset()
+    ctx.sizes = replace(ctx.sizes, compile=False, compile_skip_reason="torch.compile failed (see its row)")
+    run, notes = _run_fitting_memory(ctx)
+    return run, [*notes, "eager: torch.compile failed"], compile_failure
 
 
 def check_training(ctx: DoctorContext) -> list[Row]:
     """Rows ``torch.compile``, ``training speed`` and ``training loss`` from one short run."""
+    run, notes, compile_failure = _train_even_if_compile_fails(ctx)
+    ctx.trained = TrainedRun(run.trainer, run.losses)
+    nominal = 8 if ctx.quick else 16
+    if ctx.device.type == "cuda" and run.sizes.micro_batch < nominal:
+        notes.append(f"B={run.sizes.micro_batch} instead of {nominal}: picked by free GPU memory")
+    return [
+        compile_failure or _compile_row(run, run.trainer.compiled),
+        _speed_row(ctx, run, notes),
+        _loss_row(run),
+    ]
+
+
+def _speed_row(ctx: DoctorContext, run: ShortRun, notes: list[str]) -> Row:
     from gpt2repro.perf import mfu, peak_flops
 
-    run, notes = _run_fitting_memory(ctx)
     trainer, s = run.trainer, run.sizes
-    ctx.trained = TrainedRun(trainer, run.losses)
     raw = trainer.raw_model
     step = run.steady_seconds
     tok_s = s.batch_tokens / step
     peak, _ = peak_flops(ctx.device, trainer.dtype)
     util = mfu(tok_s, raw.config, s.seq_len, peak)
     fused = bool(trainer.optimizer.defaults.get("fused"))
-    shape = f"{s.model} B={s.micro_batch} T={s.seq_len} {trainer.dtype}"
-    rows = [_compile_row(run, trainer.compiled)]
     figure = (
-        f"{step * 1e3:.1f} ms/step · {tok_s:,.0f} tok/s · MFU {f'{util:.1%}' if util is not None else 'n/a'}"
-        f" · peak mem {run.peak_memory_gib:.2f} GiB ({run.memory_kind}) · {shape} · "
-        f"AdamW {'fused' if fused else 'foreach'} · vocab {raw.config.padded_vocab_size}"
+        f"{step * 1e3:.1f} ms/step; {tok_s:,.0f} tok/s; MFU {f'{util:.1%}' if util is not None else 'n/a'}"
+        f"; peak mem {run.peak_memory_gib:.2f} GiB ({run.memory_kind}); {s.model} B={s.micro_batch} "
+        f"T={s.seq_len} {trainer.dtype}; AdamW {'fused' if fused else 'foreach'}; "
+        f"vocab {raw.config.padded_vocab_size}"
     )
-    nominal = 8 if ctx.quick else 16
-    if ctx.device.type == "cuda" and s.micro_batch < nominal:
-        notes.append(f"B={s.micro_batch} instead of {nominal}: picked by free GPU memory")
-    detail = "; ".join(notes)
-    speed = passed(
-        "training speed",
-        figure,
-        detail,
+    metrics = dict(
         ms_per_step=step * 1e3,
         tokens_per_s=tok_s,
         mfu=util,
@@ -127,19 +160,21 @@ def check_training(ctx: DoctorContext) -> list[Row]:
         dtype=trainer.dtype,
         fused_adamw=fused,
         padded_vocab=raw.config.padded_vocab_size,
+        compiled=trainer.compiled,
     )
-    speed.seconds = sum(run.step_seconds)
     if ctx.device.type == "cuda" and not fused:
-        speed = failed(
+        row = failed(
             "training speed",
             "gpt2repro.optim.make_optimizer",
             "AdamW fell back to foreach: this torch has no fused AdamW for CUDA",
             fix="upgrade torch (fused AdamW is in every CUDA build since 2.0)",
             figure=figure,
-            **speed.metrics,
+            **metrics,
         )
-    rows += [speed, _loss_row(run)]
-    return rows
+    else:
+        row = passed("training speed", figure, "; ".join(notes), **metrics)
+    row.seconds = sum(run.step_seconds)
+    return row
 
 
 def _compile_row(run: ShortRun, compiled: bool) -> Row:

@@ -5,6 +5,7 @@ adapted once and not in every check).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -153,8 +154,12 @@ class DoctorContext:
 
     def release_training(self) -> None:
         """Drop the training row's model and optimizer (the fp16 and DDP rows need the GPU memory)."""
+        if self.trained is None:
+            return
         self.trained = None
+        gc.collect()  # the compiled module sits in reference cycles
         if self.device.type == "cuda":
+            torch.compiler.reset()  # compiled graphs and their caches
             torch.cuda.empty_cache()
 
 

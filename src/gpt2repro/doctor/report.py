@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import textwrap
@@ -74,6 +75,15 @@ class Report:
         return 0 if self.ok else 1
 
 
+def _finite(value):
+    """JSON has no inf/nan: such metrics (an overflowed gradient norm) are written as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def to_json(report: Report) -> str:
     doc = {
         "schema": SCHEMA,
@@ -85,7 +95,7 @@ def to_json(report: Report) -> str:
         "seconds": round(report.seconds, 2),
         "ok": report.ok,
         "counts": report.counts(),
-        "rows": [{**dataclasses.asdict(r), "seconds": round(r.seconds, 2)} for r in report.rows],
+        "rows": [_finite({**dataclasses.asdict(r), "seconds": round(r.seconds, 2)}) for r in report.rows],
     }
     return json.dumps(doc, indent=2, default=str) + "\n"
 
@@ -118,7 +128,7 @@ def render_table(report: Report, width: int | None = None) -> str:
     out = [head, "-" * min(width, max(len(head), 60))]
     for row in report.rows:
         figure = row.figure or ("(see below)" if row.status != PASS else "")
-        took = f"{row.seconds:5.1f}s" if row.seconds else ""
+        took = f"{row.seconds:5.1f}s" if row.seconds >= 0.05 else ""
         first = f"{row.name:<{name_w}}  {_LABEL[row.status]:<6}  {took:>6}  "
         wrapped = textwrap.wrap(figure, max(30, width - len(first))) or [""]
         out.append(first + wrapped[0])
@@ -148,7 +158,7 @@ def render_markdown(report: Report) -> str:
         f"### `{report.command}` on {report.device}{' (--quick)' if report.quick else ''}",
         "",
         f"{'OK' if report.ok else 'FAILED'}: {counts[PASS]} passed, {counts[FAIL]} failed, "
-        f"{counts[SKIPPED]} skipped in {report.seconds:.0f} s · Python {platform.python_version()} · "
+        f"{counts[SKIPPED]} skipped in {report.seconds:.0f} s; Python {platform.python_version()}; "
         f"{platform.platform()}",
         "",
         "| check | status | figure |",
