@@ -8,15 +8,17 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from gpt2repro import GPT, GPTConfig
 from gpt2repro.doctor import CHECKS, checks_train, execute
 from gpt2repro.doctor.checks_env import build_runs_on
-from gpt2repro.doctor.checks_eval import check_compiled_matches_eager
+from gpt2repro.doctor.checks_eval import check_compiled_matches_eager, check_generation
 from gpt2repro.doctor.checks_train import check_training
-from gpt2repro.doctor.harness import GIB, DoctorContext, batch_for_memory, sizes_for
+from gpt2repro.doctor.harness import GIB, DoctorContext, TrainedRun, batch_for_memory, sizes_for
 from gpt2repro.doctor.report import (
     FAIL,
     PASS,
@@ -51,6 +53,22 @@ EXPECTED_ROWS = [
     "FSDP",
 ]
 CUDA_ONLY = ["fp16 + GradScaler"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The doctor's token shards of the embedded corpus, prepared once for the tests that train."""
+    return DoctorContext(CPU, True, sizes_for(CPU, quick=True), tmp_path_factory.mktemp("doctor")).corpus()
 
 
 @pytest.mark.slow
@@ -219,11 +237,13 @@ class _BrokenCompiler(torch.nn.Module):
         raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: Cannot find a working triton")
 
 
-def test_a_broken_torch_compile_fails_its_row_and_the_rest_runs_eager(tmp_path, monkeypatch):
+@pytest.mark.slow  # ~25 s on 2 busy cores (measuring the CPU peak for MFU alone takes seconds)
+def test_a_broken_torch_compile_fails_its_row_and_the_rest_runs_eager(
+    tmp_path, monkeypatch, corpus, one_thread
+):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: _BrokenCompiler(module))
-    device = torch.device("cpu")
-    sizes = replace(sizes_for(device, quick=True), compile=True, train_steps=3, loss_target=11.0)
-    ctx = DoctorContext(device, True, sizes, tmp_path)
+    sizes = replace(sizes_for(CPU, quick=True), compile=True, train_steps=3, loss_target=11.0)
+    ctx = DoctorContext(CPU, True, sizes, tmp_path, data_dir=corpus)
     compile_row, speed, loss = check_training(ctx)
     assert compile_row.name == "torch.compile" and compile_row.status == FAIL
     assert compile_row.call.startswith("forward (tests/test_doctor.py:")
@@ -244,7 +264,7 @@ def test_out_of_memory_halves_the_gpu_batch(tmp_path, monkeypatch):
         return "ran"
 
     monkeypatch.setattr(checks_train, "_short_run", short_run)
-    sizes = replace(sizes_for(torch.device("cpu"), quick=True), micro_batch=16)
+    sizes = replace(sizes_for(CPU, quick=True), micro_batch=16)
     ctx = DoctorContext(torch.device("cuda", 0), False, sizes, tmp_path)
     assert checks_train._run_fitting_memory(ctx) == (
         "ran",
@@ -265,3 +285,24 @@ def test_out_of_memory_halves_the_gpu_batch(tmp_path, monkeypatch):
 )
 def test_which_gpus_a_torch_build_has_kernels_for(capability, arch_list, runs):
     assert build_runs_on(capability, arch_list) is runs
+
+
+class _BrokenCacheGPT(GPT):
+    """A GPT whose cached decoding emits the wrong token at the third step."""
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        out = super().generate(idx, max_new_tokens, **kwargs)
+        if kwargs.get("use_cache", True):
+            col = idx.shape[1] + 2
+            out[:, col] = (out[:, col] + 1) % 50257
+        return out
+
+
+def test_generation_row_fails_when_the_cache_changes_a_clear_greedy_choice(tmp_path, corpus, one_thread):
+    ctx = DoctorContext(CPU, True, sizes_for(CPU, quick=True), tmp_path, data_dir=corpus)
+    torch.manual_seed(0)
+    model = _BrokenCacheGPT(GPTConfig.preset("gpt2-micro"))
+    ctx.trained = TrainedRun(trainer=SimpleNamespace(model=model, dtype="fp32"), losses=[])
+    (row,) = check_generation(ctx)
+    assert row.status == FAIL and row.metrics["first_difference"] == 8 + 2
+    assert row.call == "GPT.generate(use_cache=True) vs use_cache=False" and row.metrics["margin"] > 1e-4

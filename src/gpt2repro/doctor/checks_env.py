@@ -194,6 +194,16 @@ def _explicit_agrees(ctx: DoctorContext, kernel: str, dtype: str) -> float:
     return float((fused - explicit).abs().max() / explicit.abs().max().clamp_min(1e-6))
 
 
+def _first_kernel_that_runs(q: torch.Tensor) -> tuple[str | None, dict[str, tuple[bool, str]]]:
+    """Flash forced first, then memory-efficient, then math: the first that runs, and why others did not."""
+    tried = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        tried[name] = _try_kernel(name, q)
+        if tried[name][0]:
+            return name, tried
+    return None, tried
+
+
 def check_attention(ctx: DoctorContext) -> list[Row]:
     """Which SDPA kernel runs for the training shapes; flash forced; the explicit backend agrees."""
     from gpt2repro.model import GPTConfig
@@ -204,28 +214,13 @@ def check_attention(ctx: DoctorContext) -> list[Row]:
     shape = (min(ctx.sizes.micro_batch, 4), cfg.n_head, ctx.sizes.seq_len, cfg.head_dim)
     q = torch.randn(shape, device=ctx.device, dtype=DTYPES[dtype])
     default = _default_kernel(q)
-    tried = {}
-    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-        tried[name] = _try_kernel(name, q)
-        if tried[name][0]:
-            break
-    runs = next((n for n, (ok, _) in tried.items() if ok), None)
-    metrics = {
-        "default_kernel": default,
-        "forced_flash": tried["FLASH_ATTENTION"][0],
-        "runs": runs,
-        "shape": str(shape),
-        "dtype": dtype,
-    }
+    runs, tried = _first_kernel_that_runs(q)
+    flash = tried["FLASH_ATTENTION"][0]
+    metrics = dict(default_kernel=default, forced_flash=flash, runs=runs, shape=str(shape), dtype=dtype)
+    name = "attention kernel"
     if runs is None:
-        return [
-            failed(
-                "attention kernel",
-                "F.scaled_dot_product_attention",
-                "no SDPA kernel ran: " + " | ".join(f"{n}: {why}" for n, (_, why) in tried.items()),
-                **metrics,
-            )
-        ]
+        reasons = " | ".join(f"{n}: {why}" for n, (_, why) in tried.items())
+        return [failed(name, "F.scaled_dot_product_attention", f"no SDPA kernel ran: {reasons}", **metrics)]
     rel = _explicit_agrees(ctx, runs, dtype)
     tol = 1e-4 if dtype == "fp32" else 3e-2
     metrics.update(explicit_rel_diff=rel, tolerance=tol)
@@ -234,34 +229,19 @@ def check_attention(ctx: DoctorContext) -> list[Row]:
         f"; explicit agrees {rel:.1e} (tol {tol:.0e}); {dtype} B,H,T,D={shape}"
     )
     if rel > tol:
-        return [
-            failed(
-                "attention kernel",
-                "CausalSelfAttention._explicit vs F.scaled_dot_product_attention",
-                f"the explicit backend differs from SDPA ({runs}) by {rel:.2e} relative, above {tol}",
-                fix="report it: one of the two attention paths is wrong on this device",
-                figure=figure,
-                **metrics,
-            )
-        ]
-    if runs != "FLASH_ATTENTION":
-        fallback = runs.split("_")[0].lower().replace("efficient", "memory-efficient")
-        why = (
-            f"flash attention unavailable on this {ctx.device.type}: falling back to {fallback} "
-            f"({tried['FLASH_ATTENTION'][1]})"
-        )
-        needs_flash = ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 0)
-        if needs_flash:
-            return [
-                failed(
-                    "attention kernel",
-                    "F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
-                    why,
-                    fix="training still runs, slower; install an official torch wheel (flash "
-                    "attention is built in for sm80+)",
-                    figure=figure,
-                    **metrics,
-                )
-            ]
-        return [passed("attention kernel", figure, why, **metrics)]
-    return [passed("attention kernel", figure, **metrics)]
+        why = f"the explicit backend differs from SDPA ({runs}) by {rel:.2e} relative, above {tol}"
+        fix = "report it: one of the two attention paths is wrong on this device"
+        call = "CausalSelfAttention._explicit vs F.scaled_dot_product_attention"
+        return [failed(name, call, why, fix=fix, figure=figure, **metrics)]
+    if runs == "FLASH_ATTENTION":
+        return [passed(name, figure, **metrics)]
+    fallback = runs.split("_")[0].lower().replace("efficient", "memory-efficient")
+    why = (
+        f"flash attention unavailable on this {ctx.device.type}: falling back to {fallback} "
+        f"({tried['FLASH_ATTENTION'][1]})"
+    )
+    if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 0):
+        fix = "training still runs, slower; install an official torch wheel (flash attention for sm80+)"
+        call = "F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION)"
+        return [failed(name, call, why, fix=fix, figure=figure, **metrics)]
+    return [passed(name, figure, why, **metrics)]

@@ -8,7 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.doctor.harness import DoctorContext, training_shaped_val_batch, val_batches
+from gpt2repro.doctor.harness import (
+    DoctorContext,
+    hellaswag_scores,
+    training_shaped_val_batch,
+    val_batches,
+    val_loss_of,
+)
 from gpt2repro.doctor.report import Row, failed, passed, skipped
 
 NO_TRAINING = "the training row failed, so there is no trained model to check"
@@ -61,67 +67,44 @@ def _direct_logprob(model, context: list[int], ending: list[int], device, dtype:
     return float(logp.gather(1, torch.tensor(ending, device=device)[:, None]).sum())
 
 
-def check_evaluation(ctx: DoctorContext) -> list[Row]:
-    """val_loss() on the trained (possibly compiled) model, and score_hellaswag() on a few items, its
-    log-likelihoods compared with a direct forward pass (the scorer packs endings and masks attention)."""
-    from gpt2repro.evals.hellaswag import candidate_tokens, score_hellaswag
-    from gpt2repro.evals.val import val_loss
+def _scorer_against_direct(model, items: list, scores: list, device, dtype: str) -> float:
+    """Largest relative difference between the scorer's and a direct pass's log-likelihoods (2 items)."""
+    from gpt2repro.evals.hellaswag import candidate_tokens
 
-    if ctx.trained is None:
-        return [skipped("evaluation", NO_TRAINING)]
-    trainer, s = ctx.trained.trainer, ctx.sizes
-    batches = val_batches(ctx)
-    rows, seq = batches[0][0].shape
-    val = val_loss(
-        trainer.model,
-        ctx.corpus(),
-        batch_size=rows,
-        seq_len=seq,
-        max_tokens=len(batches) * rows * seq,
-        device=ctx.device,
-        dtype=trainer.dtype,
-    )
-    items = synthetic_hellaswag(s.hellaswag_items)
-    scores = score_hellaswag(trainer.model, items, style="completion", device=ctx.device, dtype=trainer.dtype)
     worst = 0.0
     for item, score in list(zip(items, scores, strict=True))[:2]:
         for (context, ending), lp in zip(candidate_tokens(item, "completion"), score.logprobs, strict=True):
-            direct = _direct_logprob(trainer.model, context, ending, ctx.device, trainer.dtype)
+            direct = _direct_logprob(model, context, ending, device, dtype)
             worst = max(worst, abs(direct - lp) / max(1.0, abs(direct)))
+    return worst
+
+
+def check_evaluation(ctx: DoctorContext) -> list[Row]:
+    """val_loss() on the trained (possibly compiled) model, and score_hellaswag() on a few items, its
+    log-likelihoods compared with a direct forward pass (the scorer packs endings and masks attention)."""
+    if ctx.trained is None:
+        return [skipped("evaluation", NO_TRAINING)]
+    trainer = ctx.trained.trainer
+    val = val_loss_of(ctx, trainer.model, trainer.dtype)
+    items = synthetic_hellaswag(ctx.sizes.hellaswag_items)
+    scores = hellaswag_scores(ctx, trainer.model, items, trainer.dtype)
+    worst = _scorer_against_direct(trainer.model, items, scores, ctx.device, trainer.dtype)
     tol = _tolerance(trainer.dtype, 1e-4, 3e-2)
     acc = sum(sc.pred_norm == sc.label for sc in scores) / len(scores)
     figure = (
         f"val loss {val['loss']:.3f} on {val['tokens']:,} tokens; HellaSwag scorer on {len(items)} "
         f"synthetic items: acc_norm {acc:.2f}, = direct forward within {worst:.1e} (tol {tol:.0e})"
     )
-    metrics = dict(
-        val_loss=val["loss"],
-        val_tokens=val["tokens"],
-        hellaswag_acc_norm=acc,
-        scorer_rel_diff=worst,
-        tolerance=tol,
-    )
+    metrics = dict(val_loss=val["loss"], val_tokens=val["tokens"], hellaswag_acc_norm=acc,
+                   scorer_rel_diff=worst, tolerance=tol)  # fmt: skip
     if not math.isfinite(val["loss"]):
-        return [
-            failed(
-                "evaluation",
-                "gpt2repro.evals.val.val_loss",
-                "the val loss is not finite",
-                figure=figure,
-                **metrics,
-            )
-        ]
+        why = "the val loss is not finite"
+        return [failed("evaluation", "gpt2repro.evals.val.val_loss", why, figure=figure, **metrics)]
     if worst > tol:
-        return [
-            failed(
-                "evaluation",
-                "gpt2repro.evals.hellaswag.score_hellaswag",
-                f"packed scoring differs from a direct forward pass by {worst:.2e} (relative)",
-                fix="report it: the masked-attention path of evals/scoring.py is wrong on this device",
-                figure=figure,
-                **metrics,
-            )
-        ]
+        why = f"packed scoring differs from a direct forward pass by {worst:.2e} (relative)"
+        fix = "report it: the masked-attention path of evals/scoring.py is wrong on this device"
+        call = "gpt2repro.evals.hellaswag.score_hellaswag"
+        return [failed("evaluation", call, why, fix=fix, figure=figure, **metrics)]
     return [passed("evaluation", figure, **metrics)]
 
 
@@ -195,43 +178,27 @@ def check_generation(ctx: DoctorContext) -> list[Row]:
         cached = model.generate(prompt, n, temperature=0.0, use_cache=True)
         plain = model.generate(prompt, n, temperature=0.0, use_cache=False)
     which = "trained" if trained else "untrained (training row failed)"
+    name = "generation KV cache"
     differs = (cached != plain).any(dim=0).nonzero()
     if len(differs) == 0:
-        return [
-            passed(
-                "generation KV cache",
-                f"{n} greedy tokens x {len(prompt)} prompts identical with and "
-                f"without the cache ({which} model, {dtype})",
-                tokens=n,
-                first_difference=None,
-            )
-        ]
+        figure = f"{n} greedy tokens x {len(prompt)} prompts identical with and without the cache"
+        return [passed(name, f"{figure} ({which} model, {dtype})", tokens=n, first_difference=None)]
     pos = int(differs[0])
     rows = cached[:, pos] != plain[:, pos]
     with evaluation_mode(model) as gpt, autocast(ctx.device, dtype):
-        logits, _ = gpt(plain[rows, :pos])
-    top2 = logits[:, -1].float().topk(2, dim=-1).values
-    margin = float((top2[:, 0] - top2[:, 1]).max())
+        logits = gpt(plain[rows, :pos])[0][:, -1].float()
+    # how much better the uncached choice scores than the cached one, by the uncached logits
+    margin = float(
+        (logits.gather(1, plain[rows, pos, None]) - logits.gather(1, cached[rows, pos, None])).max()
+    )
     tol = _tolerance(dtype, 1e-4, 0.1)
-    figure = f"first difference at token {pos - prompt.shape[1] + 1} of {n}; top-2 logit margin {margin:.3f}"
+    figure = f"first difference at token {pos - prompt.shape[1] + 1} of {n}; logit margin {margin:.3f}"
     if margin <= tol:
-        return [
-            passed(
-                "generation KV cache",
-                figure,
-                f"a near-tie (margin <= {tol}) in {dtype}: rounding, not a cache bug",
-                first_difference=pos,
-                margin=margin,
-            )
-        ]
-    return [
-        failed(
-            "generation KV cache",
-            "GPT.generate(use_cache=True) vs use_cache=False",
-            "the cached decoding picked a different greedy token where the choice is clear",
-            fix="sample with --no-cache meanwhile and report it",
-            figure=figure,
-            first_difference=pos,
-            margin=margin,
-        )
-    ]
+        why = f"a near-tie (margin <= {tol}) in {dtype}: rounding, not a cache bug"
+        return [passed(name, figure, why, first_difference=pos, margin=margin)]
+    why = "the cached decoding picked a different greedy token where the choice is clear"
+    call, fix = (
+        "GPT.generate(use_cache=True) vs use_cache=False",
+        "sample with --no-cache meanwhile; report it",
+    )
+    return [failed(name, call, why, fix=fix, figure=figure, first_difference=pos, margin=margin)]

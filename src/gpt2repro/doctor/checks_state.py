@@ -17,14 +17,9 @@ def _fixed_batch(cfg):
     return lambda: batch
 
 
-def check_fp16(ctx: DoctorContext) -> list[Row]:
-    """fp16 autocast + GradScaler: steps; the gradient norm is the unscaled one (clipped after unscale_);
-    an overflowing step is skipped (parameters untouched) and the scale backs off."""
-    if ctx.device.type != "cuda":
-        return [
-            skipped("fp16 + GradScaler", "no CUDA: fp16 with loss scaling is the path for GPUs without bf16")
-        ]
-    ctx.release_training()
+def _fp16_against_fp32(ctx: DoctorContext):
+    """(fp16 trainer, its fixed batch, its first finite gradient norm, fp32's norm on the same weights and
+    batch). Steps whose scaled gradients overflow are skipped, so the weights stay those fp32 saw."""
     sizes = with_batch(ctx.sizes, min(4, ctx.sizes.micro_batch))
     reference = make_trainer(train_config(ctx, sizes, dtype="fp32", compile="false"), ctx.device)
     cfg = train_config(ctx, sizes, dtype="fp16", compile="false")
@@ -33,59 +28,51 @@ def check_fp16(ctx: DoctorContext) -> list[Row]:
     del reference
     trainer = make_trainer(cfg, ctx.device)
     if trainer.scaler is None:
-        return [failed("fp16 + GradScaler", "gpt2repro.train.Trainer", "--dtype fp16 built no GradScaler")]
-    # Steps whose scaled gradients overflow are skipped, so the weights stay those the fp32 step saw.
-    norm = next(
-        (n for n in (trainer.train_step(batch)["grad_norm"] for _ in range(4)) if math.isfinite(n)), None
-    )
-    if norm is None:
-        return [
-            failed(
-                "fp16 + GradScaler",
-                "Trainer.train_step",
-                "4 fp16 steps in a row overflowed",
-                fix="use --dtype bf16 or fp32",
-            )
-        ]
-    ratio = norm / ref_norm
+        return trainer, batch, None, ref_norm
+    norms = (trainer.train_step(batch)["grad_norm"] for _ in range(4))
+    return trainer, batch, next((n for n in norms if math.isfinite(n)), None), ref_norm
+
+
+def _overflowing_step(trainer, batch) -> tuple[float, bool]:
+    """One step at a loss scale that overflows fp16: (its gradient norm, whether the weights stayed)."""
     trainer.scaler.update(new_scale=OVERFLOW_SCALE)
     before = [p.detach().clone() for p in trainer.raw_model.parameters()]
     overflow_norm = trainer.train_step(batch)["grad_norm"]
     untouched = all(torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters(), strict=True))
-    backed_off = trainer.scaler.get_scale() < OVERFLOW_SCALE
+    return overflow_norm, untouched
+
+
+def check_fp16(ctx: DoctorContext) -> list[Row]:
+    """fp16 autocast + GradScaler: steps; the gradient norm is the unscaled one (clipped after unscale_);
+    an overflowing step is skipped (parameters untouched) and the scale backs off."""
+    name = "fp16 + GradScaler"
+    if ctx.device.type != "cuda":
+        return [skipped(name, "no CUDA: fp16 with loss scaling is the path for GPUs without bf16")]
+    ctx.release_training()
+    trainer, batch, norm, ref_norm = _fp16_against_fp32(ctx)
+    if trainer.scaler is None:
+        return [failed(name, "gpt2repro.train.Trainer", "--dtype fp16 built no GradScaler")]
+    if norm is None:
+        return [
+            failed(name, "Trainer.train_step", "4 fp16 steps in a row overflowed", fix="use --dtype bf16")
+        ]
+    ratio = norm / ref_norm
+    overflow_norm, untouched = _overflowing_step(trainer, batch)
+    scale = trainer.scaler.get_scale()
     figure = (
         f"grad norm {norm:.3f} = fp32's {ref_norm:.3f} x {ratio:.3f} (unscaled before clipping); overflow "
-        f"at scale 2^40: step {'skipped' if untouched else 'APPLIED'}, scale -> "
-        f"{trainer.scaler.get_scale():.3g}"
+        f"at scale 2^40: step {'skipped' if untouched else 'APPLIED'}, scale -> {scale:.3g}"
     )
-    metrics = dict(
-        grad_norm=norm,
-        fp32_grad_norm=ref_norm,
-        overflow_grad_norm=overflow_norm,
-        overflow_skipped=untouched,
-        scale_after=trainer.scaler.get_scale(),
-    )
+    metrics = dict(grad_norm=norm, fp32_grad_norm=ref_norm, overflow_grad_norm=overflow_norm,
+                   overflow_skipped=untouched, scale_after=scale)  # fmt: skip
     if not 0.9 <= ratio <= 1.1:
-        return [
-            failed(
-                "fp16 + GradScaler",
-                "GradScaler.unscale_ before clip_grad_norm_ in Trainer.train_step",
-                f"the fp16 gradient norm is {ratio:.3g}x the fp32 one: clipping sees scaled gradients",
-                figure=figure,
-                **metrics,
-            )
-        ]
-    if not (untouched and backed_off and not math.isfinite(overflow_norm)):
-        return [
-            failed(
-                "fp16 + GradScaler",
-                "GradScaler.step/update in Trainer.train_step",
-                "an overflowing fp16 step changed the weights or did not lower the scale",
-                figure=figure,
-                **metrics,
-            )
-        ]
-    return [passed("fp16 + GradScaler", figure, **metrics)]
+        why = f"the fp16 gradient norm is {ratio:.3g}x the fp32 one: clipping sees scaled gradients"
+        call = "GradScaler.unscale_ before clip_grad_norm_ in Trainer.train_step"
+        return [failed(name, call, why, figure=figure, **metrics)]
+    if not (untouched and scale < OVERFLOW_SCALE and not math.isfinite(overflow_norm)):
+        why = "an overflowing fp16 step changed the weights or did not lower the scale"
+        return [failed(name, "GradScaler.step/update in Trainer.train_step", why, figure=figure, **metrics)]
+    return [passed(name, figure, **metrics)]
 
 
 def _max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

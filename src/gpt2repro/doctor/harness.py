@@ -224,6 +224,23 @@ def val_batches(ctx: DoctorContext) -> list:
     return list(batches(ctx.corpus(), rows, s.seq_len, max_tokens=s.eval_batches * rows * s.seq_len))
 
 
+def val_loss_of(ctx: DoctorContext, model, dtype: str) -> dict:
+    """``gpt2repro.evals.val.val_loss`` over the batches of ``val_batches``: {"loss", "tokens"}."""
+    from gpt2repro.evals.val import val_loss
+
+    batches = val_batches(ctx)
+    rows, seq = batches[0][0].shape
+    return val_loss(model, ctx.corpus(), batch_size=rows, seq_len=seq, max_tokens=len(batches) * rows * seq,
+                    device=ctx.device, dtype=dtype)  # fmt: skip
+
+
+def hellaswag_scores(ctx: DoctorContext, model, items: list, dtype: str) -> list:
+    """``score_hellaswag`` the way build-nanogpt scores (completion style)."""
+    from gpt2repro.evals.hellaswag import score_hellaswag
+
+    return score_hellaswag(model, items, style="completion", device=ctx.device, dtype=dtype)
+
+
 def training_shaped_val_batch(ctx: DoctorContext) -> tuple[torch.Tensor, torch.Tensor]:
     """One validation batch of the training row's (B, T): a compiled graph runs it without recompiling."""
     from gpt2repro.data import val_batches as batches
