@@ -34,6 +34,7 @@ from gpt2repro.doctor.report import (
     to_json,
 )
 from gpt2repro.doctor.runner import Check, known_fix
+from gpt2repro.errors import UserError
 
 ROW_KEYS = {"name", "status", "figure", "detail", "call", "fix", "seconds", "metrics"}
 EXPECTED_ROWS = [
@@ -208,6 +209,13 @@ def test_a_failing_check_is_a_failed_row_and_exit_code_1(tmp_path, capsys):
     assert "failing call: _runs_out_of_memory" in out and "1 check(s) FAILED" in out
     assert "| crashing | fail |" in md_path.read_text()
     assert execute("cpu", quick=True, checks=[Check("fine", _fine)]) == 0
+    with pytest.raises(UserError, match="does not exist"):  # before any check runs
+        execute(
+            "cpu",
+            quick=True,
+            json_path=str(tmp_path / "no" / "d.json"),
+            checks=[Check("c", _runs_out_of_memory)],
+        )
 
 
 def test_every_check_has_a_distinct_name():

@@ -29,6 +29,7 @@ from gpt2repro.doctor.checks_train import check_training
 from gpt2repro.doctor.harness import DoctorContext, sizes_for
 from gpt2repro.doctor.report import Report, render_markdown, render_table, to_json
 from gpt2repro.doctor.runner import Check, run_checks
+from gpt2repro.errors import UserError
 
 # In order: later checks reuse the training row's model, then free it for fp16, checkpoint and DDP.
 CHECKS: tuple[Check, ...] = (
@@ -85,6 +86,9 @@ def execute(
     """Run ``checks``, print the table, write the requested files; the exit code (0: no row failed)."""
     from gpt2repro.files import atomic_write
 
+    for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{flag} {path}: directory {Path(path).resolve().parent} does not exist")
     device = _device(device_name)
     flags = f" --device {device_name}" + (" --quick" if quick else "")
     report = Report(device=str(device), quick=quick, command=f"gpt2repro doctor{flags}")

@@ -105,7 +105,7 @@ def check_environment(ctx: DoctorContext) -> list[Row]:
     facts = {"torch": torch.__version__, "cuda": torch.version.cuda, **_host_facts(device)}
     figure = (
         f"torch {facts['torch']}; {'CPU build' if facts['cuda'] is None else 'CUDA ' + facts['cuda']}"
-        f"; {device.type}: {facts['device_name']}; {facts['threads']} threads; "
+        f"; {device.type}: {facts['device_name']}; threads {facts['threads']}; "
         f"{facts['cpu_capability']}"
     )
     if "bf16" in facts:
