@@ -59,7 +59,8 @@ def _launch(ctx: DoctorContext, world: int, spec: dict, timeout: float) -> tuple
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        return None, f"torchrun did not finish in {timeout:.0f} s: {str(e.stderr or '')[-600:]}"
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, f"torchrun did not finish in {timeout:.0f} s: {err[-600:]}"
     if proc.returncode != 0 or not result_path.is_file():
         return None, f"torchrun exited {proc.returncode}: {_root_cause(proc.stderr + proc.stdout)}"
     return json.loads(result_path.read_text()), ""
@@ -80,7 +81,7 @@ def check_distributed(ctx: DoctorContext) -> list[Row]:
     ctx.release_training()
     n, backend = world
     s = ctx.sizes
-    per_rank = max(1, s.micro_batch // n) if ctx.device.type == "cuda" else max(1, s.micro_batch // 2)
+    per_rank = max(1, s.micro_batch // n)  # the ranks together see the training row's batch
     reference = _reference_losses(ctx, n, per_rank, s.ddp_steps)
     cfg = train_config(
         ctx,

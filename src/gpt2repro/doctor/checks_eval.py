@@ -127,7 +127,8 @@ def check_compiled_matches_eager(ctx: DoctorContext) -> list[Row]:
         logits_c, loss_c = trainer.model(x, y)  # gradients on, as in training: the same compiled graph
         with torch.no_grad():
             logits_e, loss_e = trainer.raw_model(x, y)
-    loss_c, loss_e = float(loss_c), float(loss_e)
+    logits_c, loss_c = logits_c.detach(), float(loss_c.detach())
+    loss_e = float(loss_e)
     loss_rel = abs(loss_c - loss_e) / abs(loss_e)
     logit_rel = float((logits_c.float() - logits_e.float()).abs().max() / logits_e.float().abs().max())
     del logits_c, logits_e  # free the compiled forward's graph

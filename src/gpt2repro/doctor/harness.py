@@ -6,16 +6,13 @@ adapted once and not in every check).
 from __future__ import annotations
 
 import gc
-import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from gpt2repro.config import GPT2_VOCAB_SIZE
-
-log = logging.getLogger("gpt2repro")
 
 LN_VOCAB = math.log(GPT2_VOCAB_SIZE)  # 10.82: the loss of a model that knows nothing
 GIB = 1024**3
@@ -137,7 +134,6 @@ class DoctorContext:
     workdir: Path
     data_dir: Path | None = None
     trained: TrainedRun | None = None
-    notes: dict = field(default_factory=dict)
 
     def corpus(self) -> Path:
         """Token shards of the embedded corpus (the Python Language Reference), prepared once."""
