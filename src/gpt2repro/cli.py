@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("gpt2repro.plot", "plot loss/HellaSwag curves of one or more runs"),
     "inspect": ("gpt2repro.inspect_weights", "pictures and statistics of a model's weights"),
     "export": ("gpt2repro.export", "a run as a Hugging Face model directory (weights, config, tokenizer)"),
+    "doctor": ("gpt2repro.doctor", "check this machine: every CUDA/CPU path a run needs, with timings"),
 }
 
 

@@ -1,0 +1,158 @@
+"""Rows about many processes: DDP (the doctor starts torchrun itself: NCCL with every visible GPU, or two
+gloo processes on CPU) against a single-process run, all-reduce bandwidth, and FSDP once it exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+
+from gpt2repro.doctor.harness import DoctorContext, make_trainer, train_config, train_loader
+from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.runner import known_fix
+
+CPU_PROCESSES = 2
+
+
+def _world(ctx: DoctorContext) -> tuple[int, str] | str:
+    """(processes, backend), or why DDP is not run on this device."""
+    if ctx.device.type == "cuda":
+        return torch.cuda.device_count(), "nccl"
+    if ctx.device.type == "cpu":
+        return CPU_PROCESSES, "gloo"
+    return f"DDP runs on CUDA (NCCL) or CPU (gloo), not {ctx.device.type}"
+
+
+def _reference_losses(ctx: DoctorContext, world: int, per_rank: int, steps: int) -> list[float]:
+    """One process with the ranks' batches stacked (micro-batch world x per_rank): what DDP must equal."""
+    sizes = replace(ctx.sizes, micro_batch=world * per_rank)
+    cfg = train_config(ctx, sizes, compile="false")
+    trainer, loader = make_trainer(cfg, ctx.device), train_loader(cfg)
+    losses = [trainer.train_step(loader.next_batch)["train_loss"] for _ in range(steps)]
+    del trainer
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return losses
+
+
+def _launch(ctx: DoctorContext, world: int, spec: dict, timeout: float) -> tuple[dict | None, str]:
+    spec_path, result_path = ctx.workdir / "ddp_spec.json", ctx.workdir / "ddp_result.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "-m",
+        "gpt2repro.doctor.ddp_worker",
+        str(spec_path),
+        str(result_path),
+    ]
+    env = dict(os.environ)
+    if ctx.device.type == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # two processes on a few cores: no oversubscription
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, f"torchrun did not finish in {timeout:.0f} s: {err[-600:]}"
+    if proc.returncode != 0 or not result_path.is_file():
+        return None, f"torchrun exited {proc.returncode}: {_root_cause(proc.stderr + proc.stdout)}"
+    return json.loads(result_path.read_text()), ""
+
+
+def _root_cause(output: str) -> str:
+    """The error lines of a failed torchrun (the child's exception, not the launcher's summary)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "NCCL" in ln]
+    return " | ".join(dict.fromkeys(errors[-4:] or lines[-4:]))[-900:]
+
+
+def check_distributed(ctx: DoctorContext) -> list[Row]:
+    """Rows ``DDP`` and ``all-reduce bandwidth`` from one torchrun launch, then ``FSDP``."""
+    world = _world(ctx)
+    if isinstance(world, str):
+        return [skipped("DDP", world), skipped("all-reduce bandwidth", world), _fsdp_row()]
+    ctx.release_training()
+    n, backend = world
+    s = ctx.sizes
+    per_rank = max(1, s.micro_batch // n)  # the ranks together see the training row's batch
+    reference = _reference_losses(ctx, n, per_rank, s.ddp_steps)
+    cfg = train_config(
+        ctx,
+        replace(s, micro_batch=per_rank),
+        compile="false",
+        total_batch=n * per_rank * s.seq_len,
+        device="cuda" if ctx.device.type == "cuda" else "cpu",
+    )
+    spec = {
+        "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "steps": s.ddp_steps,
+        "allreduce_mib": s.allreduce_mib,
+        "allreduce_iters": 10 if backend == "nccl" else 3,
+    }
+    timeout = 180.0 if ctx.device.type == "cpu" else (240.0 if ctx.quick else 420.0)
+    result, error = _launch(ctx, n, spec, timeout)
+    if result is None:
+        call = f"python -m torch.distributed.run --nproc_per_node={n} ({backend})"
+        fix = known_fix(error)
+        return [
+            failed("DDP", call, error, fix=fix),
+            skipped("all-reduce bandwidth", "the DDP launch failed"),
+            _fsdp_row(),
+        ]
+    return [_ddp_row(result, reference, n, backend, per_rank, ctx), _bandwidth_row(result), _fsdp_row()]
+
+
+def _ddp_row(result: dict, reference: list[float], n: int, backend: str, per_rank: int, ctx) -> Row:
+    losses = result["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+    tol = 1e-5 if ctx.device.type == "cpu" else 2e-2
+    figure = (
+        f"{n} processes ({backend}) x B={per_rank}: {len(losses)} step losses = 1 process x B={n * per_rank}"
+        f" within {worst:.1e} relative (tol {tol:.0e}); last {losses[-1]:.4f} vs {reference[-1]:.4f}"
+    )
+    metrics = dict(
+        world_size=n,
+        backend=backend,
+        max_rel_diff=worst,
+        ddp_losses=json.dumps(losses),
+        reference_losses=json.dumps(reference),
+    )
+    if worst > tol:
+        return failed(
+            "DDP",
+            "DistributedDataParallel gradient all-reduce (Trainer.train_step)",
+            "the DDP losses drift from the single-process run",
+            figure=figure,
+            fix="report it: gradients are not averaged as one big batch would give",
+            **metrics,
+        )
+    return passed("DDP", figure, **metrics)
+
+
+def _bandwidth_row(result: dict) -> Row:
+    bw, n = result["allreduce"], result["world_size"]
+    figure = (
+        f"{bw['mib']} MiB fp32 all-reduce ({bw['backend']}, {n} ranks): {bw['seconds'] * 1e3:.2f} ms; "
+        f"bus bandwidth {bw['busbw_gbs']:.1f} GB/s; algorithm bandwidth {bw['algbw_gbs']:.1f} GB/s"
+    )
+    note = "one rank: no traffic between devices, the bus bandwidth is 0 by definition" if n == 1 else ""
+    return passed("all-reduce bandwidth", figure, note, **bw)
+
+
+def _fsdp_row() -> Row:
+    from gpt2repro.train_config import TrainConfig
+
+    if "parallel" not in TrainConfig.__dataclass_fields__:
+        return skipped("FSDP", "--parallel fsdp not available yet")
+    return skipped(
+        "FSDP",
+        "--parallel exists, but the doctor does not exercise it yet "
+        "(add the check to gpt2repro/doctor/checks_dist.py)",
+    )
