@@ -22,8 +22,8 @@ from gpt2repro.config import GPTConfig
 from gpt2repro.optim import make_optimizer
 from gpt2repro.perf import flops_per_token, peak_flops
 from gpt2repro.runtime import autocast, pick_device
-from gpt2repro.train import Trainer
 from gpt2repro.train_config import TrainConfig
+from gpt2repro.trainer import Trainer
 
 
 def ours(batch: int, seq: int, device: torch.device, compile_: bool):

@@ -77,6 +77,13 @@ def parse_dtype(name: str | None, device: torch.device) -> str:
     return name
 
 
+def enable_tf32(device: torch.device) -> None:
+    """On CUDA, fp32 matmuls and convolutions run on TF32 tensor cores (what GPT-2 recipes train with)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device, dtype: str):
     """Mixed-precision context for the forward pass (weights stay fp32); a no-op for fp32."""
     if dtype == "fp32":

@@ -22,7 +22,7 @@ from gpt2repro import distributed
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.preemption import Preempted, StopSignals, resume_command, signal_name
 from gpt2repro.run_writer import RunWriter
-from gpt2repro.runtime import autocast, format_memory, memory_stats, seeded_generator
+from gpt2repro.runtime import autocast, enable_tf32, format_memory, memory_stats, seeded_generator
 from gpt2repro.sharded_checkpoint import PendingSave, start_save
 from gpt2repro.train_config import TrainConfig
 from gpt2repro.trainer import Trainer, TrainingDiverged
@@ -73,9 +73,7 @@ class TrainingRun:
 
         if not info.is_main:
             log.setLevel(logging.WARNING)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(device)
         self.cfg, self.info, self.device = cfg, info, device
         self.trainer = Trainer(cfg, device, info, saved["model_config"] if saved is not None else None)
         self.loader = TokenLoader(

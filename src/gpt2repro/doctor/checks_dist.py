@@ -1,5 +1,6 @@
 """Rows about many processes: DDP (the doctor starts torchrun itself: NCCL with every visible GPU, or two
-gloo processes on CPU) against a single-process run, all-reduce bandwidth, and FSDP once it exists."""
+gloo processes on CPU) against a single-process run, all-reduce bandwidth, and FSDP2 (``--parallel
+fsdp``) against the same single-process run."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def check_distributed(ctx: DoctorContext) -> list[Row]:
     """Rows ``DDP`` and ``all-reduce bandwidth`` from one torchrun launch, then ``FSDP``."""
     world = _world(ctx)
     if isinstance(world, str):
-        return [skipped("DDP", world), skipped("all-reduce bandwidth", world), _fsdp_row()]
+        return [skipped("DDP", world), skipped("all-reduce bandwidth", world), skipped("FSDP", world)]
     ctx.release_training()
     n, backend = world
     s = ctx.sizes
@@ -104,9 +105,15 @@ def check_distributed(ctx: DoctorContext) -> list[Row]:
         return [
             failed("DDP", call, error, fix=fix),
             skipped("all-reduce bandwidth", "the DDP launch failed"),
-            _fsdp_row(),
+            skipped("FSDP", "the DDP launch failed: FSDP uses the same process group"),
         ]
-    return [_ddp_row(result, reference, n, backend, per_rank, ctx), _bandwidth_row(result), _fsdp_row()]
+    rows = [_ddp_row(result, reference, n, backend, per_rank, ctx), _bandwidth_row(result)]
+    fsdp_spec = {**spec, "config": {**spec["config"], "parallel": "fsdp"}, "allreduce_mib": 0}
+    fsdp, error = _launch(ctx, n, fsdp_spec, timeout)
+    if fsdp is None:
+        call = f"python -m torch.distributed.run --nproc_per_node={n} ... --parallel fsdp"
+        return [*rows, failed("FSDP", call, error, fix=known_fix(error))]
+    return [*rows, _fsdp_row(fsdp, reference, n, backend, ctx)]
 
 
 def _ddp_row(result: dict, reference: list[float], n: int, backend: str, per_rank: int, ctx) -> Row:
@@ -146,13 +153,23 @@ def _bandwidth_row(result: dict) -> Row:
     return passed("all-reduce bandwidth", figure, note, **bw)
 
 
-def _fsdp_row() -> Row:
-    from gpt2repro.train_config import TrainConfig
-
-    if "parallel" not in TrainConfig.__dataclass_fields__:
-        return skipped("FSDP", "--parallel fsdp not available yet")
-    return skipped(
-        "FSDP",
-        "--parallel exists, but the doctor does not exercise it yet "
-        "(add the check to gpt2repro/doctor/checks_dist.py)",
+def _fsdp_row(result: dict, reference: list[float], n: int, backend: str, ctx) -> Row:
+    """FSDP2 shards of the same model and batch must train like the single process too."""
+    losses = result["losses"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+    tol = 1e-5 if ctx.device.type == "cpu" else 2e-2
+    figure = (
+        f"{n} ranks ({backend}), fully_shard per block: {len(losses)} step losses = 1 process within "
+        f"{worst:.1e} relative (tol {tol:.0e}); last {losses[-1]:.4f} vs {reference[-1]:.4f}"
     )
+    metrics = dict(world_size=n, max_rel_diff=worst, fsdp_losses=json.dumps(losses))
+    if worst > tol:
+        return failed(
+            "FSDP",
+            "fully_shard + Trainer.train_step (--parallel fsdp)",
+            "the FSDP losses drift from the single-process run",
+            figure=figure,
+            fix="report it with this table",
+            **metrics,
+        )
+    return passed("FSDP", figure, **metrics)

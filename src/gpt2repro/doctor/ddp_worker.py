@@ -1,6 +1,6 @@
-"""One rank of the doctor's DDP check, started by
+"""One rank of the doctor's DDP (or FSDP, as the spec's config says) check, started by
 ``python -m torch.distributed.run -m gpt2repro.doctor.ddp_worker SPEC.json RESULT.json``: a few training
-steps under DDP, then an all-reduce bandwidth measurement; rank 0 writes both to RESULT.json."""
+steps, then an all-reduce bandwidth measurement; rank 0 writes both to RESULT.json."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
         trainer = make_trainer(cfg, device, info)
         loader = train_loader(cfg, rank=info.rank, world_size=info.world_size)
         losses = [trainer.train_step(loader.next_batch)["train_loss"] for _ in range(spec["steps"])]
-        bandwidth = allreduce_bandwidth(device, spec["allreduce_mib"], spec["allreduce_iters"])
+        mib = spec["allreduce_mib"]
+        bandwidth = allreduce_bandwidth(device, mib, spec["allreduce_iters"]) if mib else None
         if info.is_main:
             result = {
                 "world_size": info.world_size,

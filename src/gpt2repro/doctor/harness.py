@@ -187,12 +187,11 @@ def train_config(ctx: DoctorContext, sizes: Sizes | None = None, **overrides):
 
 
 def make_trainer(cfg, device: torch.device, dist_info=None):
-    """``gpt2repro.train.Trainer`` with TF32 set the way ``gpt2repro train`` sets it on CUDA."""
-    from gpt2repro.train import Trainer
+    """``gpt2repro.trainer.Trainer`` with TF32 set the way ``gpt2repro train`` sets it on CUDA."""
+    from gpt2repro.runtime import enable_tf32
+    from gpt2repro.trainer import Trainer
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     return Trainer(cfg, device, dist_info)
 
 
