@@ -47,9 +47,7 @@ def test_hellaswag_table_and_json(tmp_path, shared_data, capsys):
     )
     assert rc == 0
     result = json.loads(out.read_text())
-    expected = evaluate_hellaswag(
-        preset_model(), shared_data / DERIVED, limit=6, dtype="fp32", progress=False
-    )
+    expected = evaluate_hellaswag(preset_model(), shared_data / DERIVED, limit=6)
     assert result["task"] == "hellaswag" and result["n"] == 6 and result["style"] == "harness"
     assert result["acc"] == expected["acc"] and result["acc_norm"] == expected["acc_norm"]
     table = capsys.readouterr().out
@@ -82,7 +80,7 @@ def test_wikitext2_on_a_saved_model_directory(tmp_path, shared_data):
     )
     assert rc == 0
     result = json.loads(out.read_text())
-    expected = document_perplexity(model, text_path.read_text(), stride=32, dtype="fp32", progress=False)
+    expected = document_perplexity(model, text_path.read_text(), stride=32)
     assert result["task"] == "wikitext2" and result["n"] == expected["n"]
     for key in ("ppl", "loss", "word_ppl", "bpb"):
         assert result[key] == pytest.approx(expected[key], rel=1e-5)

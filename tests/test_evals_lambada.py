@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from gpt2repro.config import GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.evals.lambada import evaluate_lambada, load_lambada, split_target
+from gpt2repro.evals.scoring import EvalSetup
 from gpt2repro.model import GPT
 from gpt2repro.tokenizer import get_tokenizer
 
@@ -73,7 +74,7 @@ def test_accuracy_and_perplexity_on_20_passages_equal_hand_loop(shared_data):
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-micro", block_size=256)).eval()
     items = load_lambada(shared_data / LAMBADA, limit=20)
-    res = evaluate_lambada(model, shared_data / LAMBADA, limit=20, batch_size=6, dtype="fp32", progress=False)
+    res = evaluate_lambada(model, shared_data / LAMBADA, EvalSetup(batch_size=6), limit=20)
     hits, nll, count = hand_loop(model, items)
     assert res["n"] == 20 and res["target_tokens"] == count
     assert res["acc"] == hits / 20
@@ -93,7 +94,7 @@ def test_greedy_accuracy_counts_exact_hits(tmp_path):
     path = tmp_path / "lambada.jsonl"
     path.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
     model = copy_model()
-    res = evaluate_lambada(model, path, batch_size=2, dtype="fp32", progress=False)
+    res = evaluate_lambada(model, path, EvalSetup(batch_size=2))
     hits, nll, _ = hand_loop(model, load_lambada(path))
     assert hits == 2 and res["acc"] == pytest.approx(2 / 5)
     assert res["ppl"] == pytest.approx(math.exp(nll / 5), rel=1e-5)

@@ -341,12 +341,13 @@ def _fmt_time(seconds: float) -> str:
 
 def _evaluate(trainer: Trainer, cfg: TrainConfig, info, device, writer: RunWriter, progress: dict, step: int,
               last: bool) -> None:
+    from gpt2repro.evals.scoring import EvalSetup
     from gpt2repro.evals.val import val_loss
 
     t0 = time.perf_counter()
-    result = val_loss(trainer.raw_model, cfg.data, batch_size=cfg.eval_batch or cfg.micro_batch,
-                      seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens or None, device=device,
-                      dtype=trainer.dtype, rank=info.rank, world_size=info.world_size)
+    setup = EvalSetup.for_process(info, device, trainer.dtype, batch_size=cfg.eval_batch or cfg.micro_batch)
+    result = val_loss(trainer.raw_model, cfg.data, setup, seq_len=cfg.seq_len,
+                      max_tokens=cfg.eval_tokens or None)
     rec = {"step": step, "tokens": progress["tokens"], "elapsed": round(progress["elapsed"], 3),
            "val_loss": result["loss"]}
     progress["val_loss"], progress["val_step"] = result["loss"], step
@@ -368,9 +369,10 @@ def _hellaswag(trainer: Trainer, cfg: TrainConfig, info, device, step: int, last
     except ImportError:
         log.warning("HellaSwag evaluation is not available in this build; skipping")
         return None
-    res = evaluate_hellaswag(trainer.raw_model, cfg.hellaswag, limit=cfg.hellaswag_limit,
-                             batch_size=cfg.eval_batch or cfg.micro_batch, device=device, dtype=trainer.dtype,
-                             rank=info.rank, world_size=info.world_size, progress=False)
+    from gpt2repro.evals.scoring import EvalSetup
+
+    setup = EvalSetup.for_process(info, device, trainer.dtype, batch_size=cfg.eval_batch or cfg.micro_batch)
+    res = evaluate_hellaswag(trainer.raw_model, cfg.hellaswag, setup, limit=cfg.hellaswag_limit)
     return {"hellaswag_acc": float(res["acc"]), "hellaswag_acc_norm": float(res["acc_norm"])}
 
 
