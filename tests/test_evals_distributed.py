@@ -39,6 +39,7 @@ def write_inputs(shared_data: Path, out: Path) -> Path:
 def run_all(inputs: Path, rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-micro")).eval()
+
     def setup(batch_size: int) -> EvalSetup:
         return EvalSetup(batch_size, "cpu", "fp32", rank, world_size)
 

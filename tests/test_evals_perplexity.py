@@ -77,9 +77,7 @@ def test_stride_equal_to_context_is_non_overlapping_chunks(model, text):
 def test_smaller_stride_gives_each_token_more_context(model, text):
     """Reference: score token t with exactly the history its window gives it, one token at a time."""
     C, S = 12, 4
-    res = document_perplexity(
-        model, text[:200], EvalSetup(batch_size=2), stride=S, context=C
-    )
+    res = document_perplexity(model, text[:200], EvalSetup(batch_size=2), stride=S, context=C)
     tokens = torch.tensor(get_tokenizer().encode_ordinary(text[:200]))
     assert res["windows"] >= 5
     nll = 0.0

@@ -117,9 +117,12 @@ def check_json_path(json_path: str | None) -> Path | None:
     if json_path is None:
         return None
     path = Path(json_path)
+    if path.is_dir():
+        raise UserError(f"--json {path} is a directory; pass a file name such as {path / 'result.json'}")
+    blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"--json {path}: {blocked} is a file, not a directory")
     try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
             pass

@@ -241,9 +241,12 @@ def _score_rows(gpt: nn.Module, chunk: list[_PackedRow], device: torch.device, d
         )
     logits = logits.float()  # (N, V), rows in (batch, position) order
     row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape).tolist()  # (row, position) -> ``logits`` row
-    flat_rows = torch.tensor([row_of[r][p] for _, where, _ in picks for r, p in where])
+    flat_rows = [row_of[r][p] for _, where, _ in picks for r, p in where]
     wanted = torch.tensor([t for _, _, cont in picks for t in cont], device=logits.device)
-    picked = logits[flat_rows.to(logits.device)]
+    if flat_rows == list(range(logits.size(0))):  # one continuation per row (perplexity windows): in order
+        picked = logits  # no copy of the (N, V) logits
+    else:
+        picked = logits[torch.tensor(flat_rows, device=logits.device)]
     # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
     token_logprob = picked.gather(1, wanted.unsqueeze(1)).squeeze(1) - picked.logsumexp(dim=-1)
     token_hit = picked.argmax(dim=-1) == wanted
