@@ -17,6 +17,7 @@ import torch
 
 from gpt2repro import distributed
 from gpt2repro.errors import UserError
+from gpt2repro.evals import hellaswag, lambada, perplexity, val
 from gpt2repro.files import atomic_write
 from gpt2repro.runtime import parse_dtype
 
@@ -30,7 +31,12 @@ STYLES = {
     "val": (),
 }
 # per-task defaults of --batch-size: items (HellaSwag: 4 candidates each), windows, passages, sequences
-DEFAULT_BATCH = {"hellaswag": 16, "wikitext2": 4, "lambada": 16, "val": 8}
+DEFAULT_BATCH = {
+    "hellaswag": hellaswag.DEFAULT_BATCH,
+    "wikitext2": perplexity.DEFAULT_BATCH,
+    "lambada": lambada.DEFAULT_BATCH,
+    "val": val.DEFAULT_BATCH,
+}
 DEFAULT_VAL_TOKENS = 10_485_760  # build-nanogpt's budget: 20 steps x 524,288 tokens
 METRIC_ORDER = ("acc", "acc_norm", "ppl", "loss", "word_ppl", "bpb", "byte_ppl", "token_ppl")
 
