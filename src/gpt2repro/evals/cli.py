@@ -18,6 +18,7 @@ import torch
 from gpt2repro import distributed
 from gpt2repro.errors import UserError
 from gpt2repro.evals import hellaswag, lambada, perplexity, val
+from gpt2repro.evals.scoring import EvalSetup, safe_exp
 from gpt2repro.files import atomic_write
 from gpt2repro.runtime import parse_dtype
 
@@ -143,7 +144,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
     return load_or_init(args.model, args.model_preset, args.seed).to(device).eval()
 
 
-def run_task(args: argparse.Namespace, model, setup, style: str) -> dict:
+def run_task(args: argparse.Namespace, model: torch.nn.Module, setup: EvalSetup, style: str) -> dict:
     """The metrics dict of ``args.task`` (identical on every rank)."""
     if args.task == "hellaswag":
         from gpt2repro.evals.hellaswag import evaluate_hellaswag
@@ -169,7 +170,7 @@ def run_task(args: argparse.Namespace, model, setup, style: str) -> dict:
     return _val_task(args, model, setup)
 
 
-def _val_task(args: argparse.Namespace, model, setup) -> dict:
+def _val_task(args: argparse.Namespace, model: torch.nn.Module, setup: EvalSetup) -> dict:
     from gpt2repro.evals.perplexity import resolve_context
     from gpt2repro.evals.val import val_loss
 
@@ -179,13 +180,8 @@ def _val_task(args: argparse.Namespace, model, setup) -> dict:
         raise UserError(f"--data {args.data} is not a directory of prepared shards (gpt2repro prepare)")
     seq_len = resolve_context(model, args.context)
     result = val_loss(model, args.data, setup, seq_len=seq_len, max_tokens=args.limit or DEFAULT_VAL_TOKENS)
-    return {"loss": result["loss"], "ppl": _exp(result["loss"]), "n": result["tokens"], "seq_len": seq_len}
-
-
-def _exp(x: float) -> float:
-    from gpt2repro.evals.scoring import safe_exp
-
-    return safe_exp(x)
+    loss = result["loss"]
+    return {"loss": loss, "ppl": safe_exp(loss), "n": result["tokens"], "seq_len": seq_len}
 
 
 def throughput(task: str, metrics: dict, elapsed: float) -> dict:
@@ -223,12 +219,10 @@ def write_json(path: Path, result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2repro.evals.scoring import EvalSetup
-
     style = check_options(args)
+    json_path = check_json_path(args.json_path)  # every rank, before any of them joins the group
     info, device = distributed.init(args.device)
     try:
-        json_path = check_json_path(args.json_path) if info.is_main else None
         dtype = parse_dtype(args.dtype, device)
         model = load_model(args, device)
         setup = EvalSetup.for_process(
@@ -253,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         if info.is_main:
             print(format_table(result))
             if json_path is not None:
-                write_json(json_path, result)
+                write_json(json_path, result)  # rank 0 only
     finally:
         distributed.teardown()
     return 0
