@@ -1,4 +1,5 @@
-"""Two gloo processes sharding the examples give the single-process results (HellaSwag, LAMBADA, WikiText)."""
+"""Two gloo processes sharding the examples give the single-process results (HellaSwag, LAMBADA, WikiText;
+both styles where there are two)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from gpt2repro.config import GPTConfig
 from gpt2repro.evals.hellaswag import evaluate_hellaswag
 from gpt2repro.evals.lambada import evaluate_lambada
 from gpt2repro.evals.perplexity import document_perplexity, read_text
+from gpt2repro.evals.scoring import EvalSetup
+from gpt2repro.evals.wikitext import harness_perplexity, split_pages
 from gpt2repro.model import GPT
 
 WORLD = 2
@@ -28,18 +31,25 @@ def write_inputs(shared_data: Path, out: Path) -> Path:
     (out / "hellaswag.txt").write_text("\n".join(derived[: 9 * 6]) + "\n")
     lambada = (shared_data / "lambada" / "lambada_test.jsonl").read_text(encoding="utf-8").splitlines()
     (out / "lambada.jsonl").write_text("\n".join(lambada[:7]) + "\n")
-    (out / "wiki.txt").write_text(read_text(shared_data / "wikitext-2-raw" / "wiki.test.raw")[:3000])
+    pages = split_pages(read_text(shared_data / "wikitext-2-raw" / "wiki.test.raw"))
+    (out / "wiki.txt").write_text("\n".join(page[:1000] for page in pages[:3]))  # 3 short pages
     return out
 
 
 def run_all(inputs: Path, rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2-micro")).eval()
-    common = dict(device="cpu", dtype="fp32", rank=rank, world_size=world_size, progress=False)
+
+    def setup(batch_size: int) -> EvalSetup:
+        return EvalSetup(batch_size, "cpu", "fp32", rank, world_size)
+
+    wiki = read_text(inputs / "wiki.txt")
     return {
-        "hellaswag": evaluate_hellaswag(model, inputs / "hellaswag.txt", batch_size=2, **common),
-        "lambada": evaluate_lambada(model, inputs / "lambada.jsonl", batch_size=3, **common),
-        "wikitext2": document_perplexity(model, read_text(inputs / "wiki.txt"), batch_size=2, **common),
+        "hellaswag": evaluate_hellaswag(model, inputs / "hellaswag.txt", setup(2)),
+        "lambada": evaluate_lambada(model, inputs / "lambada.jsonl", setup(3)),
+        "lambada_harness": evaluate_lambada(model, inputs / "lambada.jsonl", setup(3), style="harness"),
+        "wikitext2": document_perplexity(model, wiki, setup(2)),
+        "wikitext2_harness": harness_perplexity(model, wiki, setup(2), context=64),
     }
 
 
@@ -68,3 +78,4 @@ def test_two_gloo_processes_equal_one(tmp_path, shared_data):
                     assert got[key] == pytest.approx(expected[key], rel=1e-6), (task, key)
     assert single["hellaswag"]["n"] == 9 and single["lambada"]["n"] == 7
     assert single["wikitext2"]["windows"] > 2  # both ranks really had windows to score
+    assert single["wikitext2_harness"]["pages"] > 1 and single["wikitext2_harness"]["windows"] > 2

@@ -17,6 +17,7 @@ from gpt2repro.evals.hellaswag import (
     load_hellaswag,
     score_hellaswag,
 )
+from gpt2repro.evals.scoring import EvalSetup
 from gpt2repro.model import GPT
 from gpt2repro.tokenizer import get_tokenizer
 
@@ -128,7 +129,7 @@ def test_harness_preprocess_title_header_and_double_spaces(jsonl):
 def test_completion_scorer_matches_reference_loop(model, jsonl):
     enc = get_tokenizer()
     items, _ = load_hellaswag(jsonl, "completion")
-    scores = score_hellaswag(model, items, style="completion", batch_size=2)
+    scores = score_hellaswag(model, items, EvalSetup(batch_size=2), style="completion")
     for example, score in zip(EXAMPLES, scores, strict=True):
         ctx = enc.encode(example["ctx"])
         ends = [enc.encode(" " + e) for e in example["endings"]]
@@ -149,7 +150,7 @@ def test_completion_scorer_matches_reference_loop(model, jsonl):
 def test_harness_scorer_matches_reference_loop(model, jsonl):
     enc = get_tokenizer()
     items, _ = load_hellaswag(jsonl, "harness")
-    scores = score_hellaswag(model, items, style="harness", batch_size=3)
+    scores = score_hellaswag(model, items, EvalSetup(batch_size=3), style="harness")
     for k, (example, score) in enumerate(zip(EXAMPLES, scores, strict=True)):
         context = HARNESS_CONTEXTS[k]
         endings = [harness_preprocess(e) for e in example["endings"]]
@@ -166,11 +167,11 @@ def test_harness_scorer_matches_reference_loop(model, jsonl):
 def test_evaluate_counts_predictions(model, jsonl):
     items, _ = load_hellaswag(jsonl, "completion")
     scores = score_hellaswag(model, items, style="completion")
-    res = evaluate_hellaswag(model, jsonl, style="completion", dtype="fp32", progress=False)
+    res = evaluate_hellaswag(model, jsonl, style="completion")
     assert res["n"] == 3 and res["style"] == "completion"
     assert res["acc"] == pytest.approx(sum(s.pred == s.label for s in scores) / 3)
     assert res["acc_norm"] == pytest.approx(sum(s.pred_norm == s.label for s in scores) / 3)
-    assert evaluate_hellaswag(model, jsonl, progress=False)["style"] == "completion"  # auto for the jsonl
+    assert evaluate_hellaswag(model, jsonl)["style"] == "completion"  # auto for the jsonl
 
 
 def test_batched_equals_unbatched_on_derived_file(model, shared_data):
@@ -178,8 +179,8 @@ def test_batched_equals_unbatched_on_derived_file(model, shared_data):
     assert style == "harness"
     # the same contexts with the endings reversed: candidates of different items share a batch
     items += [dataclasses.replace(i, harness_endings=i.harness_endings[::-1]) for i in items]
-    one = score_hellaswag(model, items, style=style, batch_size=1)
-    many = score_hellaswag(model, items, style=style, batch_size=4)
+    one = score_hellaswag(model, items, EvalSetup(batch_size=1), style=style)
+    many = score_hellaswag(model, items, EvalSetup(batch_size=4), style=style)
     for a, b in zip(one, many, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-4)
         assert (a.pred, a.pred_norm) == (b.pred, b.pred_norm)

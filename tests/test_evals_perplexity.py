@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gpt2repro.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.evals.perplexity import document_perplexity, read_text, sliding_windows
+from gpt2repro.evals.scoring import EvalSetup
 from gpt2repro.model import GPT
 from gpt2repro.tokenizer import get_tokenizer
 
@@ -50,7 +51,7 @@ def test_windows_score_every_token_but_the_first_exactly_once(n_tokens, context,
 
 
 def test_token_count_is_tokens_minus_one(model, text):
-    res = document_perplexity(model, text, stride=32, dtype="fp32", progress=False)
+    res = document_perplexity(model, text, stride=32)
     n = len(get_tokenizer().encode_ordinary(text))
     assert res["tokens"] == n and res["n"] == n - 1
     assert res["context"] == 64
@@ -59,7 +60,7 @@ def test_token_count_is_tokens_minus_one(model, text):
 @torch.inference_mode()
 def test_stride_equal_to_context_is_non_overlapping_chunks(model, text):
     C = 64
-    res = document_perplexity(model, text, stride=C, context=C, batch_size=3, dtype="fp32", progress=False)
+    res = document_perplexity(model, text, EvalSetup(batch_size=3), stride=C, context=C)
     tokens = torch.tensor(get_tokenizer().encode_ordinary(text))
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, C):  # chunk = C inputs and the C next tokens as targets
@@ -76,9 +77,7 @@ def test_stride_equal_to_context_is_non_overlapping_chunks(model, text):
 def test_smaller_stride_gives_each_token_more_context(model, text):
     """Reference: score token t with exactly the history its window gives it, one token at a time."""
     C, S = 12, 4
-    res = document_perplexity(
-        model, text[:200], stride=S, context=C, batch_size=2, dtype="fp32", progress=False
-    )
+    res = document_perplexity(model, text[:200], EvalSetup(batch_size=2), stride=S, context=C)
     tokens = torch.tensor(get_tokenizer().encode_ordinary(text[:200]))
     assert res["windows"] >= 5
     nll = 0.0
@@ -93,7 +92,7 @@ def test_uniform_model_has_perplexity_vocab_size(text):
     model = GPT(GPTConfig.preset("gpt2-micro", block_size=64)).eval()
     with torch.no_grad():
         model.transformer.wte.weight.zero_()  # tied head: every logit is 0, every token has p = 1/50257
-    res = document_perplexity(model, text, dtype="fp32", progress=False)
+    res = document_perplexity(model, text)
     assert res["ppl"] == pytest.approx(GPT2_VOCAB_SIZE, rel=1e-5)
     nll = res["n"] * math.log(GPT2_VOCAB_SIZE)
     assert res["word_ppl"] == pytest.approx(math.exp(nll / len(text.split())), rel=1e-5)
@@ -102,14 +101,14 @@ def test_uniform_model_has_perplexity_vocab_size(text):
 
 
 def test_limit_counts_tokens(model, text):
-    res = document_perplexity(model, text, limit=100, dtype="fp32", progress=False)
+    res = document_perplexity(model, text, limit=100)
     assert res["tokens"] == 100 and res["n"] == 99
 
 
 def test_bad_options(model, text, tmp_path):
     with pytest.raises(UserError, match="stride"):
-        document_perplexity(model, text, stride=100, context=64, progress=False)
+        document_perplexity(model, text, stride=100, context=64)
     with pytest.raises(UserError, match="block size"):
-        document_perplexity(model, text, context=128, progress=False)
+        document_perplexity(model, text, context=128)
     with pytest.raises(UserError, match="does not exist"):
         read_text(tmp_path / "wiki.test.raw")

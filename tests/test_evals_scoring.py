@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro import GPT, GPTConfig
-from gpt2repro.evals.scoring import _pack, score_continuations
+from gpt2repro.evals.scoring import EvalSetup, _pack, harness_encode_pair, score_continuations
+from gpt2repro.tokenizer import get_tokenizer
 
 
 def tiny_model(backend: str = "sdpa") -> GPT:
@@ -34,9 +35,17 @@ def requests_with_shared_contexts() -> list[tuple[list[int], list[int]]]:
         return torch.randint(0, 50257, (n,), generator=gen).tolist()
 
     a, b, c = tokens(9), tokens(4), tokens(1)
-    return [(a, tokens(3)), (a, tokens(1)), (a, tokens(6)), (a, tokens(2)),  # four endings of one context
-            (b, tokens(5)),  # a context of its own
-            (c, tokens(8)), (c, tokens(8)), (c, tokens(8)), (c, tokens(8))]  # 1 + 4*7 > 24: split in two rows
+    return [
+        (a, tokens(3)),
+        (a, tokens(1)),
+        (a, tokens(6)),
+        (a, tokens(2)),  # four endings of one context
+        (b, tokens(5)),  # a context of its own
+        (c, tokens(8)),
+        (c, tokens(8)),
+        (c, tokens(8)),
+        (c, tokens(8)),
+    ]  # 1 + 4*7 > 24: split in two rows
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
@@ -77,3 +86,29 @@ def test_position_ids_and_attention_mask_reproduce_separate_forwards():
         second, _ = model(torch.tensor([ctx + y]))
     torch.testing.assert_close(packed[0, :5], first[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[0, 5:], second[0, 3:], atol=1e-5, rtol=0)
+
+
+def test_harness_encode_pair_is_lm_evals_split():
+    """lm-eval's _encode_pair: trailing context whitespace joins the continuation, whole string cut."""
+    enc = get_tokenizer()
+    context, continuation = harness_encode_pair("He said", " hello")
+    assert (context, continuation) == (enc.encode("He said"), enc.encode(" hello"))
+    context, continuation = harness_encode_pair("Walk to the ", "door")  # trailing space moves over
+    assert context == enc.encode("Walk to the") and continuation == enc.encode(" door")
+    context, continuation = harness_encode_pair(
+        "x", "\n\nRidley"
+    )  # split(' ') targets can open with newlines
+    assert context + continuation == enc.encode("x\n\nRidley")
+    assert harness_encode_pair("", " a") == (
+        [],
+        enc.encode(" a"),
+    )  # the scorer feeds EOT for an empty context
+
+
+def test_eval_setup():
+    assert EvalSetup().batch(16) == 16 and EvalSetup(batch_size=3).batch(16) == 3
+    assert EvalSetup(rank=1, world_size=2).shard(list(range(5))) == [1, 3]
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalSetup(batch_size=0)
+    with pytest.raises(ValueError, match="rank"):
+        EvalSetup(rank=2, world_size=2)

@@ -19,6 +19,7 @@ import torch
 
 from gpt2repro import checkpoint as ckpt_io
 from gpt2repro import distributed
+from gpt2repro.evals.scoring import EvalSetup
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.preemption import Preempted, StopSignals, resume_command, signal_name
 from gpt2repro.run_writer import RunWriter
@@ -258,15 +259,7 @@ class TrainingRun:
         cfg, _info, step = self.cfg, self.info, self.trainer.step
         t0 = time.perf_counter()
         result = val_loss(
-            self.model,
-            cfg.data,
-            batch_size=cfg.eval_batch or cfg.micro_batch,
-            seq_len=cfg.seq_len,
-            max_tokens=cfg.eval_tokens or None,
-            device=self.device,
-            dtype=self.trainer.dtype,
-            rank=self.eval_ranks[0],
-            world_size=self.eval_ranks[1],
+            self.model, cfg.data, self.eval_setup, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens or None
         )
         self.state.val_loss, self.state.val_step = result["loss"], step
         rec = self._record(val_loss=result["loss"])
@@ -283,17 +276,7 @@ class TrainingRun:
         from gpt2repro.evals.hellaswag import evaluate_hellaswag
 
         cfg, _info = self.cfg, self.info
-        res = evaluate_hellaswag(
-            self.model,
-            cfg.hellaswag,
-            limit=cfg.hellaswag_limit,
-            batch_size=cfg.eval_batch or cfg.micro_batch,
-            device=self.device,
-            dtype=self.trainer.dtype,
-            rank=self.eval_ranks[0],
-            world_size=self.eval_ranks[1],
-            progress=False,
-        )
+        res = evaluate_hellaswag(self.model, cfg.hellaswag, self.eval_setup, limit=cfg.hellaswag_limit)
         return {"hellaswag_acc": float(res["acc"]), "hellaswag_acc_norm": float(res["acc_norm"])}
 
     def sample(self) -> None:
@@ -307,10 +290,13 @@ class TrainingRun:
         return self.trainer.mode == "fsdp"
 
     @property
-    def eval_ranks(self) -> tuple[int, int]:
-        """(rank, world size) that evaluation splits its work by. An FSDP model needs every rank in every
-        forward pass, so there each rank evaluates everything (and nothing is summed across ranks)."""
-        return (0, 1) if self.sharded else (self.info.rank, self.info.world_size)
+    def eval_setup(self) -> EvalSetup:
+        """How evaluation splits its work over the ranks. An FSDP model needs every rank in every forward
+        pass, so there each rank evaluates everything (and nothing is summed across ranks)."""
+        rank, world = (0, 1) if self.sharded else (self.info.rank, self.info.world_size)
+        return EvalSetup(
+            self.cfg.eval_batch or self.cfg.micro_batch, self.device, self.trainer.dtype, rank, world
+        )
 
     def save(self, use_async: bool | None = None) -> Path:
         """Checkpoint this step: every rank's loader and RNG state gathered to rank 0, the tensors as one

@@ -25,12 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from gpt2repro.distributed import sum_across_ranks
 from gpt2repro.errors import UserError
-from gpt2repro.evals.scoring import progress_bar, score_continuations, shard
+from gpt2repro.evals.scoring import DEFAULT_SETUP, EvalSetup, harness_encode_pair
 from gpt2repro.hub import HELLASWAG_VAL, fetch
 from gpt2repro.tokenizer import get_tokenizer
 
@@ -38,6 +36,19 @@ STYLES = ("completion", "harness")
 DATA_HINT = "PATH (hellaswag_val.jsonl, or the derived hellaswag_val_full.txt[.bz2] with --style harness)"
 N_ENDINGS = 4
 LINES_PER_DERIVED_ITEM = 2 + N_ENDINGS  # context, label, 4 endings
+DEFAULT_BATCH = 16  # items (of 4 candidates) per forward pass
+CONVENTIONS = {
+    "completion": {
+        "prompt": "ctx (raw)",
+        "tokenisation": "encode(ctx) and encode(' ' + ending) separately (build-nanogpt)",
+        "normalisation": "acc: summed logprob; acc_norm: logprob / ending tokens",
+    },
+    "harness": {
+        "prompt": "activity_label + ': ' + ctx_a + ' ' + ctx_b.capitalize(), harness-preprocessed",
+        "tokenisation": "encode(context + ' ' + ending) cut after encode(context) (lm-eval _encode_pair)",
+        "normalisation": "acc: summed logprob; acc_norm: logprob / ending characters",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -210,38 +221,17 @@ def candidate_tokens(item: HellaSwagItem, style: str) -> list[tuple[list[int], l
             raise UserError("the derived HellaSwag text supports only --style harness")
         context = enc.encode_ordinary(item.completion_context)
         return [(context, enc.encode_ordinary(" " + e)) for e in item.completion_endings]
-    context_text = item.harness_context.rstrip()
-    trailing = item.harness_context[len(context_text) :]
-    context = enc.encode_ordinary(context_text)
-    pairs = []
-    for ending in item.harness_endings:
-        whole = enc.encode_ordinary(context_text + trailing + " " + ending)
-        pairs.append((context, whole[len(context) :]))
-    return pairs
+    return [harness_encode_pair(item.harness_context, " " + ending) for ending in item.harness_endings]
 
 
 def score_hellaswag(
-    model: nn.Module,
-    items: Sequence[HellaSwagItem],
-    *,
-    style: str,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    dtype: str = "fp32",
-    progress: bool = False,
+    model: nn.Module, items: Sequence[HellaSwagItem], setup: EvalSetup = DEFAULT_SETUP, *, style: str
 ) -> list[HellaSwagScore]:
-    """Per-item candidate scores; ``batch_size`` items (4 candidates each) share a forward pass."""
+    """Per-item candidate scores; ``setup.batch_size`` items (4 candidates each) share a forward pass."""
     requests = [pair for item in items for pair in candidate_tokens(item, style)]
-    with progress_bar(len(items), f"hellaswag ({style})", progress) as bar:
-        scores = score_continuations(
-            model,
-            requests,
-            batch_size=batch_size * N_ENDINGS,
-            device=device,
-            dtype=dtype,
-            progress=bar,
-            requests_per_item=N_ENDINGS,
-        )
+    scores = setup.score(
+        model, requests, desc=f"hellaswag ({style})", default_batch=DEFAULT_BATCH, per_item=N_ENDINGS
+    )
     out = []
     for k, item in enumerate(items):
         cands = scores[k * N_ENDINGS : (k + 1) * N_ENDINGS]
@@ -270,36 +260,26 @@ def _argmax(values: Sequence[float]) -> int:
 def evaluate_hellaswag(
     model: nn.Module,
     path: str | os.PathLike | None,
+    setup: EvalSetup = DEFAULT_SETUP,
     *,
     style: str = "auto",
     limit: int | None = None,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    dtype: str = "fp32",
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
 ) -> dict:
     """Accuracy and normalised accuracy on the first ``limit`` items (all by default).
 
     ``style="auto"`` scores the official jsonl build-nanogpt's way (completion) and the derived text
     file the harness way (the only one it supports); the style used is returned with the metrics.
-
-    With ``world_size > 1`` (torch.distributed initialised) each rank scores every ``world_size``-th item
-    and the counts are summed over ranks, so every rank returns the single-process result.
+    Items are sharded across ranks and the counts summed, so every rank returns the single-process result.
     """
     items, style = load_hellaswag(path, style, limit)
-    mine = shard(items, rank, world_size)
-    scores = score_hellaswag(
-        model,
-        mine,
-        style=style,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        progress=progress and rank == 0,
-    )
+    scores = score_hellaswag(model, setup.shard(items), setup, style=style)
     correct = sum(s.pred == s.label for s in scores)
     correct_norm = sum(s.pred_norm == s.label for s in scores)
-    n, correct, correct_norm = sum_across_ranks([len(scores), correct, correct_norm], device, world_size)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": int(n), "style": style}
+    n, correct, correct_norm = setup.sum_across_ranks([len(scores), correct, correct_norm])
+    return {
+        "acc": correct / n,
+        "acc_norm": correct_norm / n,
+        "n": int(n),
+        "style": style,
+        **CONVENTIONS[style],
+    }

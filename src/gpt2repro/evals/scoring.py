@@ -17,7 +17,83 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from gpt2repro.config import EOT_TOKEN_ID
+from gpt2repro.distributed import DistInfo, sum_across_ranks
 from gpt2repro.runtime import autocast, evaluation_mode
+from gpt2repro.tokenizer import get_tokenizer
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """Where and how an evaluation runs, the same for every task: one object instead of six keywords.
+
+    ``batch_size`` counts the task's examples per forward pass (HellaSwag items, LAMBADA passages,
+    WikiText windows, val sequences); ``None`` takes the task's default. ``rank``/``world_size`` shard
+    the examples over torch.distributed processes; the sums are all-reduced, so every rank returns the
+    single-process result. ``progress`` shows a bar on rank 0.
+    """
+
+    batch_size: int | None = None
+    device: torch.device | str = "cpu"
+    dtype: str = "fp32"
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}"
+            )
+
+    @classmethod
+    def for_process(
+        cls,
+        info: DistInfo,
+        device: torch.device | str,
+        dtype: str,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> EvalSetup:
+        """The setup of this process under torchrun (or alone): rank and world size from ``info``."""
+        return cls(batch_size, device, dtype, info.rank, info.world_size, progress)
+
+    def batch(self, default: int) -> int:
+        return self.batch_size or default
+
+    def shard(self, items: Sequence) -> list:
+        return shard(items, self.rank, self.world_size)
+
+    def sum_across_ranks(self, values: Sequence[float]) -> list[float]:
+        return sum_across_ranks(values, self.device, self.world_size)
+
+    def score(
+        self,
+        model: nn.Module,
+        requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        desc: str,
+        default_batch: int,
+        per_item: int = 1,
+        unit: str = "ex",
+    ) -> list[ContinuationScore]:
+        """:func:`score_continuations` under this setup: ``batch_size`` items of ``per_item`` requests each
+        (e.g. the 4 candidates of a HellaSwag item) per forward pass, a progress bar counting items."""
+        with progress_bar(len(requests) // per_item, desc, self.progress and self.rank == 0, unit) as bar:
+            return score_continuations(
+                model,
+                requests,
+                batch_size=self.batch(default_batch) * per_item,
+                device=self.device,
+                dtype=self.dtype,
+                progress=bar,
+                requests_per_item=per_item,
+            )
+
+
+DEFAULT_SETUP = EvalSetup()  # one process, CPU, fp32, the task's batch size, no progress bar
 
 
 @dataclass(frozen=True)
@@ -27,6 +103,23 @@ class ContinuationScore:
     logprob: float
     n_tokens: int
     greedy: bool  # every continuation token is the argmax prediction
+
+
+def harness_encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of (context, continuation) as lm-evaluation-harness makes them (``_encode_pair``).
+
+    Trailing whitespace of the context moves to the continuation; the whole string is encoded and cut
+    after the context's own tokens, so a BPE merge across the boundary is handled as the harness does.
+    An empty context gives no tokens (the scorer then feeds EOT, as the harness's prefix token).
+    """
+    enc = get_tokenizer()
+    if not context:
+        return [], enc.encode_ordinary(continuation)
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + continuation
+    context_tokens = enc.encode_ordinary(stripped)
+    whole = enc.encode_ordinary(stripped + continuation)
+    return context_tokens, whole[len(context_tokens) :]
 
 
 def fit_context(context: Sequence[int], continuation: Sequence[int], max_len: int) -> list[int]:
@@ -140,14 +233,20 @@ def _score_rows(gpt: nn.Module, chunk: list[_PackedRow], device: torch.device, d
             picks.append((i, where, cont))
             offset += n
     with autocast(device, dtype):
-        logits, _ = gpt(idx.to(device), logits_at=scored.to(device),  # the head runs on scored positions only
-                        position_ids=pos.to(device) if shared else None,
-                        attention_mask=mask.to(device) if shared else None)
+        logits, _ = gpt(
+            idx.to(device),
+            logits_at=scored.to(device),  # the head runs on scored positions only
+            position_ids=pos.to(device) if shared else None,
+            attention_mask=mask.to(device) if shared else None,
+        )
     logits = logits.float()  # (N, V), rows in (batch, position) order
     row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape).tolist()  # (row, position) -> ``logits`` row
-    flat_rows = torch.tensor([row_of[r][p] for _, where, _ in picks for r, p in where])
+    flat_rows = [row_of[r][p] for _, where, _ in picks for r, p in where]
     wanted = torch.tensor([t for _, _, cont in picks for t in cont], device=logits.device)
-    picked = logits[flat_rows.to(logits.device)]
+    if flat_rows == list(range(logits.size(0))):  # one continuation per row (perplexity windows): in order
+        picked = logits  # no copy of the (N, V) logits
+    else:
+        picked = logits[torch.tensor(flat_rows, device=logits.device)]
     # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
     token_logprob = picked.gather(1, wanted.unsqueeze(1)).squeeze(1) - picked.logsumexp(dim=-1)
     token_hit = picked.argmax(dim=-1) == wanted

@@ -10,22 +10,20 @@ import os
 
 import torch
 
-from gpt2repro.distributed import sum_across_ranks
+from gpt2repro.evals.scoring import EvalSetup
 from gpt2repro.runtime import autocast, evaluation_mode
+
+DEFAULT_BATCH = 8  # sequences per forward pass
 
 
 @torch.no_grad()
 def val_loss(
     model: torch.nn.Module,
     data_dir: str | os.PathLike,
+    setup: EvalSetup,
     *,
-    batch_size: int,
     seq_len: int,
     max_tokens: int | None,
-    device: torch.device | str,
-    dtype: str,
-    rank: int = 0,
-    world_size: int = 1,
 ) -> dict:
     """Mean next-token cross-entropy over the first ``max_tokens`` val tokens of ``data_dir``.
 
@@ -34,19 +32,25 @@ def val_loss(
     """
     from gpt2repro.data import val_batches
 
-    device = torch.device(device)
+    device = torch.device(setup.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     with evaluation_mode(model) as gpt:
-        for x, y in val_batches(
-            data_dir, batch_size, seq_len, max_tokens=max_tokens, rank=rank, world_size=world_size
-        ):
+        batches = val_batches(
+            data_dir,
+            setup.batch(DEFAULT_BATCH),
+            seq_len,
+            max_tokens=max_tokens,
+            rank=setup.rank,
+            world_size=setup.world_size,
+        )
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
-            with autocast(device, dtype):
+            with autocast(device, setup.dtype):
                 _, loss = gpt(x, y)
             n = (y != -1).sum()
             loss_sum += loss.double() * n
             tokens += n
-    loss_sum, tokens = sum_across_ranks([loss_sum.item(), tokens.item()], device, world_size)
+    loss_sum, tokens = setup.sum_across_ranks([loss_sum.item(), tokens.item()])
     n_tokens = int(tokens)
     return {"loss": loss_sum / max(n_tokens, 1), "tokens": n_tokens}
