@@ -2,8 +2,6 @@
 
 Each row is ``argv`` (placeholders ``{name}`` are the files made by the ``env`` fixture) and a substring the
 error line must contain, naming the offending option or file. A new option gets covered by adding a row.
-Rows marked xfail are known gaps in modules outside the reliability change (the reason says what is
-needed); ``strict=True`` turns their fix into a failure here, so the mark is removed with the fix.
 """
 
 from __future__ import annotations
@@ -31,10 +29,6 @@ SAMPLE = ["sample", *MICRO, "--max-new-tokens", "2", "--device", "cpu", "--dtype
 EVAL = ["eval", *MICRO, "--device", "cpu", "--dtype", "fp32", "--no-progress"]
 EVAL_VAL = [*EVAL, "--task", "val", "--data", "{data}", "--context", "16", "--limit", "64"]
 INSPECT = ["inspect", *MICRO, "--matrix-size", "8"]
-
-
-def xfail(argv, expected, reason):
-    return pytest.param(argv, expected, marks=pytest.mark.xfail(strict=True, reason=reason))
 
 
 PREPARE_ROWS = [
@@ -97,14 +91,10 @@ TRAIN_ROWS = [
     ([*TRAIN, "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     ([*TRAIN, "--out", "{ro}/run"], "{ro}/run"),
     ([*TRAIN, "--out", "{a_file}"], "{a_file}"),
-    xfail([*TRAIN, "--data", "{corrupt}"], "corrupt_train_000001.bin does not match the sha256",
-          "needs train.py to call verify.verify_dataset(cfg.data) before the first step"),
-    xfail([*TRAIN, "--data", "{bad_token}"], "contains token id 60000",
-          "needs train.py to call verify.verify_dataset(cfg.data) before the first step"),
-    xfail([*TRAIN, "--data", "{corrupt_val}"], "flipped_val_000000.bin does not match the sha256",
-          "needs train.py to verify the val split too (verify_dataset's default) before step 1"),
-    xfail([*TRAIN, "--resume", "{run}/config.json"], "--resume",
-          "needs checkpoint.resolve_checkpoint: a config.json is not a checkpoint (not 'delete it')"),
+    ([*TRAIN, "--data", "{corrupt}"], "corrupt_train_000001.bin does not match the sha256"),
+    ([*TRAIN, "--data", "{bad_token}"], "contains token id 60000"),
+    ([*TRAIN, "--data", "{corrupt_val}"], "flipped_val_000000.bin does not match the sha256"),
+    ([*TRAIN, "--resume", "{run}/config.json"], "--resume"),
 ]  # fmt: skip
 
 SAMPLE_ROWS = [
@@ -134,12 +124,10 @@ EVAL_ROWS = [
     ([*EVAL_VAL, "--json", "{full}/result.json"], "no space left on the device"),
     ([*EVAL_VAL, "--json", "{a_file}/result.json"], "{a_file}"),
     ([*EVAL, "--task", "val", "--data", "{empty_dir}"], "no val shards"),
-    xfail([*EVAL_VAL, "--batch-size", "0"], "--batch-size",
-          "needs evals/cli.py to refuse 0 (not `or default`)"),
-    xfail([*EVAL, "--task", "wikitext2", "--data", "{wiki}", "--stride", "0"], "--stride",
-          "needs evals/cli.py (or perplexity.py) to refuse --stride 0 instead of using the default"),
-    xfail([*EVAL, "--task", "val", "--data", "{corrupt_val}", "--context", "16", "--limit", "64"],
-          "does not match the sha256", "needs evals/val.py to call verify_dataset(data, splits=('val',))"),
+    ([*EVAL_VAL, "--batch-size", "0"], "--batch-size"),
+    ([*EVAL, "--task", "wikitext2", "--data", "{wiki}", "--stride", "0"], "--stride"),
+    ([*EVAL, "--task", "val", "--data", "{corrupt_val}", "--context", "16", "--limit", "64"],
+     "does not match the sha256"),
 ]  # fmt: skip
 
 PLOT_ROWS = [

@@ -173,11 +173,13 @@ def run_task(args: argparse.Namespace, model: torch.nn.Module, setup: EvalSetup,
 def _val_task(args: argparse.Namespace, model: torch.nn.Module, setup: EvalSetup) -> dict:
     from gpt2repro.evals.perplexity import resolve_context
     from gpt2repro.evals.val import val_loss
+    from gpt2repro.verify import verify_dataset
 
     if not args.data:
         raise UserError("--task val needs --data DIR, a directory of prepared shards (gpt2repro prepare)")
     if not Path(args.data).is_dir():
         raise UserError(f"--data {args.data} is not a directory of prepared shards (gpt2repro prepare)")
+    verify_dataset(args.data, splits=("val",))  # a damaged shard is named, not scored
     seq_len = resolve_context(model, args.context)
     result = val_loss(model, args.data, setup, seq_len=seq_len, max_tokens=args.limit or DEFAULT_VAL_TOKENS)
     loss = result["loss"]
