@@ -179,7 +179,8 @@ def test_run_directory_layout(data_dir, tmp_path, one_thread, shared_data):
     assert (run / "samples.txt").read_text().count("Hello, I'm a language model,") == 2
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     best = min(eval_recs, key=lambda r: r["val_loss"])["step"]
-    assert ckpts == sorted({f"step_{4:08d}.pt", f"step_{best:08d}.pt"})  # last 1 plus the best val
+    kept = {f"step_{4:08d}.pt", f"step_{best:08d}.pt"}  # last 1 plus the best val, each with its sha256
+    assert ckpts == sorted(kept | {f"{name}.sha256" for name in kept})
     ckpt = load_checkpoint(latest_checkpoint(run))
     expected = {"model", "model_config", "step", "optimizer", "train_config", "loader", "rng", "val_loss"}
     assert expected <= set(ckpt)
@@ -237,11 +238,11 @@ def test_bad_input_is_one_clear_line(data_dir, tmp_path, capsys, one_thread):
     # resuming with an incompatible config
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--micro-batch", "8"]) == 2
     _one_error_line(capsys, "cannot resume", "micro-batch")
-    # an unreadable checkpoint
+    # a damaged checkpoint: named when asked for (--resume auto skips it for the previous one)
     latest = latest_checkpoint(run)
     latest.write_bytes(b"not a checkpoint")
-    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3"]) == 2
-    _one_error_line(capsys, "unreadable", latest.name)
+    assert main(["train", "--out", str(run), "--resume", str(latest), "--max-steps", "3"]) == 2
+    _one_error_line(capsys, "corrupt", latest.name)
     # fp16 on CPU
     assert main(["train", *as_flags({**base, "out": str(tmp_path / "z"), "dtype": "fp16"})]) == 2
     _one_error_line(capsys, "fp16")

@@ -63,7 +63,6 @@ class Trainer:
         self.dist = dist_info or distributed.DistInfo()
         self.dtype = parse_dtype(cfg.dtype, device)
         self.mode = resolve_mode(cfg.parallel, self.dist, self.dtype)
-        self.autocast_dtype = self.dtype if uses_autocast(self.mode, device, self.dtype) else "fp32"
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
         self.compiled = use_compile(cfg.compile, device)
         if device.type == "cpu":
@@ -88,6 +87,11 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == "fp16" else None
         self.step = 0
+
+    @property
+    def autocast_dtype(self) -> str:
+        """The forward's autocast precision (FSDP on CUDA casts through its policy instead)."""
+        return self.dtype if uses_autocast(self.mode, self.device, self.dtype) else "fp32"
 
     def _build_model(self, resume_config: dict | None) -> GPT:
         cfg = self.cfg

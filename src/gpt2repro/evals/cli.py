@@ -19,7 +19,7 @@ from gpt2repro import distributed
 from gpt2repro.errors import UserError
 from gpt2repro.evals import hellaswag, lambada, perplexity, val
 from gpt2repro.evals.scoring import EvalSetup, safe_exp
-from gpt2repro.files import atomic_write
+from gpt2repro.files import atomic_write, user_error_for
 from gpt2repro.runtime import parse_dtype
 
 TASKS = ("hellaswag", "wikitext2", "lambada", "val")
@@ -179,8 +179,8 @@ def _val_task(args: argparse.Namespace, model: torch.nn.Module, setup: EvalSetup
         raise UserError("--task val needs --data DIR, a directory of prepared shards (gpt2repro prepare)")
     if not Path(args.data).is_dir():
         raise UserError(f"--data {args.data} is not a directory of prepared shards (gpt2repro prepare)")
-    verify_dataset(args.data, splits=("val",))  # a damaged shard is named, not scored
     seq_len = resolve_context(model, args.context)
+    verify_dataset(args.data, splits=("val",))  # a damaged shard is named, not scored
     result = val_loss(model, args.data, setup, seq_len=seq_len, max_tokens=args.limit or DEFAULT_VAL_TOKENS)
     loss = result["loss"]
     return {"loss": loss, "ppl": safe_exp(loss), "n": result["tokens"], "seq_len": seq_len}
@@ -217,7 +217,7 @@ def write_json(path: Path, result: dict) -> None:
     try:
         atomic_write(path, json.dumps(result, indent=2) + "\n")
     except OSError as e:
-        raise UserError(f"--json {path}: could not write the result ({e.strerror or e})") from e
+        raise user_error_for(e, "write the --json result", path) from e
 
 
 def run(args: argparse.Namespace) -> int:
