@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# tests/unit and tests/integration import the shared helpers of this directory by name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

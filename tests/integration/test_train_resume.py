@@ -142,7 +142,7 @@ CHECKPOINT_FORMAT_COMMIT = "cf1d1cd"
 
 
 def test_checkpoint_written_by_the_code_before_the_restructure_resumes_bit_identically(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     old_src = tmp_path / "old"
     old_src.mkdir()
     archive = subprocess.run(["git", "-C", str(repo), "archive", CHECKPOINT_FORMAT_COMMIT, "src"],

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2repro.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MICRO = ["--model-preset", "gpt2-micro", "--max-new-tokens", "3"]
 
 
