@@ -241,30 +241,7 @@ class GPT(nn.Module):
         replace 0..T-1 and the causal mask, so several continuations can share one copy of their context
         in a row (evals/scoring.py); every query must be allowed at least one key.
         """
-        if (last_only or logits_at is not None) and targets is not None:
-            raise UserError("last_only/logits_at give no loss: they compute some positions' logits only")
-        if cache is not None and (position_ids is not None or attention_mask is not None):
-            raise UserError("position_ids/attention_mask do not combine with a KV cache")
-        if idx.dim() != 2:
-            raise UserError(f"expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise UserError(
-                f"sequence of {past + T} tokens is longer than the model's context of "
-                f"{self.config.block_size}; "
-                "crop the input (generate() does this for you)"
-            )
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        if position_ids is not None:
-            if position_ids.shape != idx.shape or int(position_ids.max()) >= self.config.block_size:
-                raise UserError(
-                    f"position_ids must have shape {tuple(idx.shape)} and values below "
-                    f"{self.config.block_size}"
-                )
-            pos = position_ids
-        if attention_mask is not None and attention_mask.shape != (B, T, T):
-            raise UserError(f"attention_mask must have shape {(B, T, T)}, got {tuple(attention_mask.shape)}")
+        pos = self._positions(idx, targets, cache, last_only, logits_at, position_ids, attention_mask)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         # Checkpoint only when a backward pass follows; a KV cache must be written, not recomputed.
         use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -275,7 +252,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, cache, attention_mask)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.shape[1]
         if last_only:
             x = x[:, -1:, :]
         elif logits_at is not None:
@@ -290,6 +267,31 @@ class GPT(nn.Module):
         elif targets is not None:
             loss = cross_entropy(logits, targets, self.config.vocab_size)
         return logits[..., : self.config.vocab_size], loss
+
+    def _positions(self, idx, targets, cache, last_only, logits_at, position_ids, attention_mask):
+        """Check forward's arguments against each other; the positions of the tokens (B, T) or (T,)."""
+        if (last_only or logits_at is not None) and targets is not None:
+            raise UserError("last_only/logits_at give no loss: they compute some positions' logits only")
+        if cache is not None and (position_ids is not None or attention_mask is not None):
+            raise UserError("position_ids/attention_mask do not combine with a KV cache")
+        if idx.dim() != 2:
+            raise UserError(f"expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise UserError(
+                f"sequence of {past + T} tokens is longer than the model's context of "
+                f"{self.config.block_size}; crop the input (generate() does this for you)"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, T, T):
+            raise UserError(f"attention_mask must have shape {(B, T, T)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            return torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        if position_ids.shape != idx.shape or int(position_ids.max()) >= self.config.block_size:
+            raise UserError(
+                f"position_ids must have shape {tuple(idx.shape)} and values below {self.config.block_size}"
+            )
+        return position_ids
 
     # ---------------------------------------------------------------- utilities
     def num_params(self, exclude_padding: bool = True) -> int:
