@@ -97,12 +97,14 @@ def is_temp_file(path: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------- environment faults as one line
 # errno -> (what happened, how to fix it): the causes a user can act on.
+_FREE_SPACE = "free some space or choose another location"
+_CHECK_PERMISSIONS = "check the permissions or choose another location"
 _OS_CAUSES: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("no space left on the device", "free some space or choose another location"),
-    errno.EDQUOT: ("the disk quota is exhausted", "free some space or choose another location"),
+    errno.ENOSPC: ("no space left on the device", _FREE_SPACE),
+    errno.EDQUOT: ("the disk quota is exhausted", _FREE_SPACE),
     errno.EROFS: ("the file system is read-only", "choose a writable location"),
-    errno.EACCES: ("permission denied", "check the permissions or choose another location"),
-    errno.EPERM: ("operation not permitted", "check the permissions or choose another location"),
+    errno.EACCES: ("permission denied", _CHECK_PERMISSIONS),
+    errno.EPERM: ("operation not permitted", _CHECK_PERMISSIONS),
     errno.ENOTDIR: ("a part of the path is a file, not a directory", "fix the path"),
     errno.EISDIR: ("it is a directory, not a file", "give a file name"),
     errno.EEXIST: ("it already exists", "remove it or choose another name"),

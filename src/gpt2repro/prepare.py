@@ -31,6 +31,7 @@ import re
 import signal
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def prepare_corpus(
         old_files = dataset_out.existing_dataset(out_dir, overwrite)
         try:
             writer = ShardWriter(out_dir, source_name, shard_tokens)
-            manifest = _build(documents, writer, val_tokens, max_tokens, workers, progress)
+            cut = StreamCut(val_tokens, max_tokens, workers, progress)
+            manifest = _build(documents, writer, cut)
             manifest.update(source_info=source_info or {}, shard_tokens=shard_tokens)
             dataset_out.stage_manifest(out_dir, manifest)
             dataset_out.publish(out_dir, old_files)
@@ -183,20 +185,22 @@ def prepare_corpus(
     return manifest
 
 
-def _build(
-    documents: Iterable[str],
-    writer: ShardWriter,
-    val_tokens: int | None,
-    max_tokens: int | None,
-    workers: int,
-    progress: bool,
-) -> dict:
+@dataclass(frozen=True)
+class StreamCut:
+    """How the token stream is read and cut: the val size (None: automatic), the cap on all tokens (None:
+    the whole corpus), the tokenizer processes and whether a progress bar is shown."""
+
+    val_tokens: int | None
+    max_tokens: int | None
+    workers: int
+    progress: bool
+
+
+def _build(documents: Iterable[str], writer: ShardWriter, cut: StreamCut) -> dict:
     """Tokenize into staged shards; the manifest (without source_info and shard_tokens)."""
     started = time.perf_counter()
     source_name = writer.prefix
-    total, num_docs, val_count = _split_into_shards(
-        documents, writer, val_tokens, max_tokens, workers, progress
-    )
+    total, num_docs, val_count = _split_into_shards(documents, writer, cut)
     if total == 0:
         raise UserError(
             f"the {source_name} corpus is empty: no document with text was found; check the input"
@@ -221,16 +225,10 @@ def _build(
     }
 
 
-def _split_into_shards(
-    documents: Iterable[str],
-    writer: ShardWriter,
-    val_tokens: int | None,
-    max_tokens: int | None,
-    workers: int,
-    progress: bool,
-) -> tuple[int, int, int]:
+def _split_into_shards(documents: Iterable[str], writer: ShardWriter, cut: StreamCut) -> tuple[int, int, int]:
     """Stream tokens into ``writer``: (total tokens, documents, val tokens)."""
-    val_count = val_tokens  # None until known (automatic val size)
+    max_tokens = cut.max_tokens
+    val_count = cut.val_tokens  # None until known (automatic val size)
     pending: list[np.ndarray] = []  # held only while the automatic val size is undecided
     pending_total = emitted = total = num_docs = 0
 
@@ -242,10 +240,14 @@ def _split_into_shards(
         emitted += len(tokens)
 
     bar = tqdm(
-        total=max_tokens, unit="tok", unit_scale=True, disable=not progress, desc=f"prepare {writer.prefix}"
+        total=max_tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not cut.progress,
+        desc=f"prepare {writer.prefix}",
     )
     with bar:
-        for tokens in encode_stream(documents, workers):
+        for tokens in encode_stream(documents, cut.workers):
             if max_tokens is not None and total + len(tokens) > max_tokens:
                 tokens = tokens[: max_tokens - total]
             total += len(tokens)
@@ -271,6 +273,7 @@ def _split_into_shards(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``gpt2repro prepare``'s arguments, in the order --help lists them."""
     parser.add_argument(
         "paths", nargs="*", metavar="PATH", help="with --source files: files, directories or globs"
     )
@@ -314,6 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"tokenizer processes (default: all {available_cores()} cores; 1: in this process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_output_and_source_options(parser)
+
+
+def _add_output_and_source_options(parser: argparse.ArgumentParser) -> None:
+    """--overwrite, then the options of one source each (after the general ones in --help)."""
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from gpt2repro.doctor.harness import DoctorContext, make_trainer, train_config, train_loader
-from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.report import Failure, Metric, Row, failed, passed, skipped, verdict
 from gpt2repro.doctor.runner import known_fix
 
 CPU_PROCESSES = 2
@@ -84,19 +84,7 @@ def check_distributed(ctx: DoctorContext) -> list[Row]:
     s = ctx.sizes
     per_rank = max(1, s.micro_batch // n)  # the ranks together see the training row's batch
     reference = _reference_losses(ctx, n, per_rank, s.ddp_steps)
-    cfg = train_config(
-        ctx,
-        replace(s, micro_batch=per_rank),
-        compile="false",
-        total_batch=n * per_rank * s.seq_len,
-        device="cuda" if ctx.device.type == "cuda" else "cpu",
-    )
-    spec = {
-        "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
-        "steps": s.ddp_steps,
-        "allreduce_mib": s.allreduce_mib,
-        "allreduce_iters": 10 if backend == "nccl" else 3,
-    }
+    spec = _worker_spec(ctx, n, backend, per_rank)
     timeout = 180.0 if ctx.device.type == "cpu" else (240.0 if ctx.quick else 420.0)
     result, error = _launch(ctx, n, spec, timeout)
     if result is None:
@@ -107,40 +95,82 @@ def check_distributed(ctx: DoctorContext) -> list[Row]:
             skipped("all-reduce bandwidth", "the DDP launch failed"),
             skipped("FSDP", "the DDP launch failed: FSDP uses the same process group"),
         ]
-    rows = [_ddp_row(result, reference, n, backend, per_rank, ctx), _bandwidth_row(result)]
+    tol = 1e-5 if ctx.device.type == "cpu" else 2e-2
+    ddp = _parity_row(
+        "DDP",
+        "DistributedDataParallel gradient all-reduce (Trainer.train_step)",
+        tol,
+        result["losses"],
+        reference,
+        f"{n} processes ({backend}) x B={per_rank}",
+        f"1 process x B={n * per_rank}",
+        fix="report it: gradients are not averaged as one big batch would give",
+        world=dict(world_size=n, backend=backend),
+        logged=dict(ddp_losses=json.dumps(result["losses"]), reference_losses=json.dumps(reference)),
+    )
+    rows = [ddp, _bandwidth_row(result)]
     fsdp_spec = {**spec, "config": {**spec["config"], "parallel": "fsdp"}, "allreduce_mib": 0}
     fsdp, error = _launch(ctx, n, fsdp_spec, timeout)
     if fsdp is None:
         call = f"python -m torch.distributed.run --nproc_per_node={n} ... --parallel fsdp"
         return [*rows, failed("FSDP", call, error, fix=known_fix(error))]
-    return [*rows, _fsdp_row(fsdp, reference, n, backend, ctx)]
+    fsdp_row = _parity_row(
+        "FSDP",
+        "fully_shard + Trainer.train_step (--parallel fsdp)",
+        tol,
+        fsdp["losses"],
+        reference,
+        f"{n} ranks ({backend}), fully_shard per block",
+        "1 process",
+        fix="report it with this table",
+        world=dict(world_size=n),
+        logged=dict(fsdp_losses=json.dumps(fsdp["losses"])),
+    )
+    return [*rows, fsdp_row]
 
 
-def _ddp_row(result: dict, reference: list[float], n: int, backend: str, per_rank: int, ctx) -> Row:
-    losses = result["losses"]
+def _worker_spec(ctx: DoctorContext, n: int, backend: str, per_rank: int) -> dict:
+    """What each torchrun worker trains (the training row's config at ``per_rank`` sequences) and times."""
+    s = ctx.sizes
+    cfg = train_config(
+        ctx,
+        replace(s, micro_batch=per_rank),
+        compile="false",
+        total_batch=n * per_rank * s.seq_len,
+        device="cuda" if ctx.device.type == "cuda" else "cpu",
+    )
+    return {
+        "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "steps": s.ddp_steps,
+        "allreduce_mib": s.allreduce_mib,
+        "allreduce_iters": 10 if backend == "nccl" else 3,
+    }
+
+
+def _parity_row(
+    name: str,
+    call: str,
+    tol: float,
+    losses: list[float],
+    reference: list[float],
+    runs: str,
+    baseline: str,
+    *,
+    fix: str,
+    world: dict[str, Metric],
+    logged: dict[str, str],
+) -> Row:
+    """Row ``name``: the step losses of ``runs`` must equal the single process's (``baseline``,
+    ``reference``) within ``tol``, relative; ``world`` and ``logged`` frame the metrics, in that order."""
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
-    tol = 1e-5 if ctx.device.type == "cpu" else 2e-2
     figure = (
-        f"{n} processes ({backend}) x B={per_rank}: {len(losses)} step losses = 1 process x B={n * per_rank}"
-        f" within {worst:.1e} relative (tol {tol:.0e}); last {losses[-1]:.4f} vs {reference[-1]:.4f}"
+        f"{runs}: {len(losses)} step losses = {baseline} within {worst:.1e} relative (tol {tol:.0e}); "
+        f"last {losses[-1]:.4f} vs {reference[-1]:.4f}"
     )
-    metrics = dict(
-        world_size=n,
-        backend=backend,
-        max_rel_diff=worst,
-        ddp_losses=json.dumps(losses),
-        reference_losses=json.dumps(reference),
+    drift = (
+        Failure(call, f"the {name} losses drift from the single-process run", fix) if worst > tol else None
     )
-    if worst > tol:
-        return failed(
-            "DDP",
-            "DistributedDataParallel gradient all-reduce (Trainer.train_step)",
-            "the DDP losses drift from the single-process run",
-            figure=figure,
-            fix="report it: gradients are not averaged as one big batch would give",
-            **metrics,
-        )
-    return passed("DDP", figure, **metrics)
+    return verdict(name, figure, drift, **world, max_rel_diff=worst, **logged)
 
 
 def _bandwidth_row(result: dict) -> Row:
@@ -151,25 +181,3 @@ def _bandwidth_row(result: dict) -> Row:
     )
     note = "one rank: no traffic between devices, the bus bandwidth is 0 by definition" if n == 1 else ""
     return passed("all-reduce bandwidth", figure, note, **bw)
-
-
-def _fsdp_row(result: dict, reference: list[float], n: int, backend: str, ctx) -> Row:
-    """FSDP2 shards of the same model and batch must train like the single process too."""
-    losses = result["losses"]
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
-    tol = 1e-5 if ctx.device.type == "cpu" else 2e-2
-    figure = (
-        f"{n} ranks ({backend}), fully_shard per block: {len(losses)} step losses = 1 process within "
-        f"{worst:.1e} relative (tol {tol:.0e}); last {losses[-1]:.4f} vs {reference[-1]:.4f}"
-    )
-    metrics = dict(world_size=n, max_rel_diff=worst, fsdp_losses=json.dumps(losses))
-    if worst > tol:
-        return failed(
-            "FSDP",
-            "fully_shard + Trainer.train_step (--parallel fsdp)",
-            "the FSDP losses drift from the single-process run",
-            figure=figure,
-            fix="report it with this table",
-            **metrics,
-        )
-    return passed("FSDP", figure, **metrics)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.doctor.harness import GIB, DoctorContext
-from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.report import Failure, Row, failed, passed, skipped, verdict
 
 
 def _cpu_name() -> str:
@@ -89,19 +89,15 @@ def check_environment(ctx: DoctorContext) -> list[Row]:
             f"({facts['free_gib']} free); sm {facts['capability']}; bf16 {'yes' if facts['bf16'] else 'no'}"
             f"; TF32 {'on' if facts['tf32'] else 'off'}"
         )
+        no_kernels = None
         if not facts["arch_in_build"]:
             sm = "sm_" + facts["capability"].replace(".", "")
-            return [
-                failed(
-                    "environment",
-                    "torch.cuda.get_arch_list()",
-                    f"this torch build has no kernels for {sm} ({', '.join(torch.cuda.get_arch_list())})",
-                    fix="install a torch wheel built for this GPU (see pytorch.org/get-started)",
-                    figure=figure,
-                    **facts,
-                )
-            ]
-        return [passed("environment", figure, **facts)]
+            no_kernels = Failure(
+                "torch.cuda.get_arch_list()",
+                f"this torch build has no kernels for {sm} ({', '.join(torch.cuda.get_arch_list())})",
+                fix="install a torch wheel built for this GPU (see pytorch.org/get-started)",
+            )
+        return [verdict("environment", figure, no_kernels, **facts)]
     facts = {"torch": torch.__version__, "cuda": torch.version.cuda, **_host_facts(device)}
     figure = (
         f"torch {facts['torch']}; {'CPU build' if facts['cuda'] is None else 'CUDA ' + facts['cuda']}"

@@ -15,7 +15,7 @@ from gpt2repro.doctor.harness import (
     val_batches,
     val_loss_of,
 )
-from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.report import Failure, Row, failed, passed, skipped, verdict
 
 NO_TRAINING = "the training row failed, so there is no trained model to check"
 
@@ -144,18 +144,14 @@ def check_compiled_matches_eager(ctx: DoctorContext) -> list[Row]:
         loss_rel_diff=loss_rel,
         logits_rel_diff=logit_rel,
     )
+    disagrees = None
     if loss_rel > tol_loss or logit_rel > tol_logits:
-        return [
-            failed(
-                "compiled = eager",
-                "torch.compile(GPT) forward vs GPT forward",
-                "the compiled model disagrees with the eager one beyond the tolerance",
-                fix="train with --compile false and report it with this summary",
-                figure=figure,
-                **metrics,
-            )
-        ]
-    return [passed("compiled = eager", figure, **metrics)]
+        disagrees = Failure(
+            "torch.compile(GPT) forward vs GPT forward",
+            "the compiled model disagrees with the eager one beyond the tolerance",
+            fix="train with --compile false and report it with this summary",
+        )
+    return [verdict("compiled = eager", figure, disagrees, **metrics)]
 
 
 def _fresh_model(ctx: DoctorContext):

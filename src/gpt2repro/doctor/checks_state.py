@@ -7,7 +7,7 @@ import math
 import torch
 
 from gpt2repro.doctor.harness import DoctorContext, make_trainer, train_config, train_loader, with_batch
-from gpt2repro.doctor.report import Row, failed, passed, skipped
+from gpt2repro.doctor.report import Failure, Row, failed, passed, skipped, verdict
 
 OVERFLOW_SCALE = 2.0**40  # loss x 2^40 overflows fp16 (max 65504) in the backward pass
 
@@ -114,15 +114,11 @@ def check_checkpoint(ctx: DoctorContext) -> list[Row]:
     metrics = dict(loss_diff=loss_diff, param_diff=param_diff, bit_identical=exact, checkpoint_mib=mib)
     # CPU kernels are deterministic (the README promises bit-exact resume there); GPU kernels are not quite.
     tol = 0.0 if ctx.device.type == "cpu" else 1e-3 * abs(loss_uninterrupted)
+    differs = None
     if loss_diff > tol or (ctx.device.type == "cpu" and param_diff > 0):
-        return [
-            failed(
-                "checkpoint resume",
-                "Trainer.state/load_state + checkpoint.atomic_save/load_checkpoint",
-                f"the resumed step differs from the uninterrupted one (tolerance {tol:.1e})",
-                fix="report it: some state (optimizer, RNG, loader) is not saved or not restored",
-                figure=figure,
-                **metrics,
-            )
-        ]
-    return [passed("checkpoint resume", figure, **metrics)]
+        differs = Failure(
+            "Trainer.state/load_state + checkpoint.atomic_save/load_checkpoint",
+            f"the resumed step differs from the uninterrupted one (tolerance {tol:.1e})",
+            fix="report it: some state (optimizer, RNG, loader) is not saved or not restored",
+        )
+    return [verdict("checkpoint resume", figure, differs, **metrics)]

@@ -89,33 +89,11 @@ def sizes_for(device: torch.device, quick: bool) -> Sizes:
     )
     if device.type == "mps":
         no_compile = "torch.compile is not exercised on MPS (inductor's MPS backend is experimental)"
+    # Positional: model, seq_len, micro_batch, train_steps, lr, warmup_steps, compile, loss_target.
     if quick or device.type == "mps":
-        return Sizes(
-            model="gpt2-micro",
-            seq_len=64,
-            micro_batch=8,
-            train_steps=40,
-            lr=3e-3,
-            warmup_steps=5,
-            compile=False,
-            loss_target=0.7 * LN_VOCAB,
-            allreduce_mib=4,
-            ddp_steps=2,
-            resume_steps=1,
-            compile_skip_reason=no_compile,
-        )
-    return Sizes(
-        model="gpt2-tiny",
-        seq_len=128,
-        micro_batch=8,
-        train_steps=150,
-        lr=2e-3,
-        warmup_steps=15,
-        compile=True,
-        loss_target=0.6 * LN_VOCAB,
-        allreduce_mib=16,
-        ddp_steps=4,
-    )
+        micro = Sizes("gpt2-micro", 64, 8, 40, 3e-3, 5, False, 0.7 * LN_VOCAB, ddp_steps=2, allreduce_mib=4)
+        return replace(micro, resume_steps=1, compile_skip_reason=no_compile)
+    return Sizes("gpt2-tiny", 128, 8, 150, 2e-3, 15, True, 0.6 * LN_VOCAB, ddp_steps=4, allreduce_mib=16)
 
 
 @dataclass

@@ -53,6 +53,22 @@ def failed(name: str, call: str, detail: str, fix: str = "", figure: str = "", *
     return Row(name, FAIL, figure=figure, detail=detail, call=call, fix=fix, metrics=metrics)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a measured row fails: the call under test, what went wrong and, where known, the fix."""
+
+    call: str
+    detail: str
+    fix: str = ""
+
+
+def verdict(name: str, figure: str, failure: Failure | None, **metrics: Metric) -> Row:
+    """A measured row: ``failed`` with its figure when there is a ``failure``, else ``passed``."""
+    if failure is None:
+        return passed(name, figure, **metrics)
+    return failed(name, failure.call, failure.detail, fix=failure.fix, figure=figure, **metrics)
+
+
 @dataclass
 class Report:
     """Every row plus what the run was: the device, --quick, the wall time."""
