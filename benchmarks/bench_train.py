@@ -1,13 +1,14 @@
 """Training-step throughput and MFU: gpt2repro vs Hugging Face ``GPT2LMHeadModel``, same run, same settings.
 
 One step = forward + backward + global-norm clip + fused AdamW (build-nanogpt's groups and
-hyper-parameters) under bf16 autocast. CPU: GPT-2 124M at B=4, T=256; MFU against the measured bf16
-matmul peak of this CPU (gpt2repro.perf). CUDA: B=16, T=1024, both models compiled, MFU against the
+hyper-parameters) under autocast in --dtype (default: the trainer's auto choice, bf16 where the hardware
+has native bf16 matmul). CPU: GPT-2 124M at B=4, T=256; MFU against the measured matmul peak of this
+CPU in that dtype (gpt2repro.perf). CUDA: B=16, T=1024, both models compiled, MFU against the
 data-sheet peak. The two models alternate in rounds so a busy machine slows both alike. HF runs without
 dropout, like the recipe (GPT2Config's default is 0.1), and in the same process, so it shares the
 allocator setting our trainer makes (runtime.keep_freed_cpu_memory).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 3] [--rounds 2] [--device cpu|cuda]
+    .venv/bin/python benchmarks/bench_train.py [--steps 3] [--rounds 2] [--device cpu|cuda] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from gpt2repro.config import GPTConfig
 from gpt2repro.kernels import describe_cpu
 from gpt2repro.optim import make_optimizer
 from gpt2repro.perf import flops_per_token, peak_flops
-from gpt2repro.runtime import autocast, pick_device
+from gpt2repro.runtime import autocast, parse_dtype, pick_device
 from gpt2repro.train import Trainer
 from gpt2repro.train_config import TrainConfig
 
 
-def ours(batch: int, seq: int, device: torch.device, compile_: bool):
+def ours(batch: int, seq: int, device: torch.device, compile_: bool, dtype: str):
     cfg = TrainConfig(
         model="gpt2",
         data="-",
@@ -35,7 +36,7 @@ def ours(batch: int, seq: int, device: torch.device, compile_: bool):
         seq_len=seq,
         micro_batch=batch,
         total_batch=batch * seq,
-        dtype="bf16",
+        dtype=dtype,
         compile=str(compile_).lower(),
         device=str(device),
     )
@@ -47,7 +48,7 @@ def ours(batch: int, seq: int, device: torch.device, compile_: bool):
     return step, trainer.raw_model.config
 
 
-def hugging_face(batch: int, seq: int, device: torch.device, compile_: bool):
+def hugging_face(batch: int, seq: int, device: torch.device, compile_: bool, dtype: str):
     import transformers
 
     # No dropout: the recipe (and our model in this run) has none; GPT2Config defaults to 0.1.
@@ -59,7 +60,7 @@ def hugging_face(batch: int, seq: int, device: torch.device, compile_: bool):
     fwd = torch.compile(model) if compile_ else model
 
     def step(x, y):
-        with autocast(device, "bf16"):
+        with autocast(device, dtype):
             loss = fwd(input_ids=x, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args()
     device = pick_device(args.device)
     on_gpu = device.type == "cuda"
@@ -93,9 +95,10 @@ def main() -> None:
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     print(describe_cpu())
-    peak, source = peak_flops(device, "bf16")
+    dtype = parse_dtype(args.dtype, device)
+    peak, source = peak_flops(device, dtype)
     print(
-        f"device {device} | threads {torch.get_num_threads()} | B={batch} T={seq} bf16 autocast | "
+        f"device {device} | threads {torch.get_num_threads()} | B={batch} T={seq} {dtype} | "
         f"compile {on_gpu} | peak {peak / 1e12:.3f} TFLOP/s ({source})"
     )
 
@@ -103,8 +106,8 @@ def main() -> None:
     x = torch.randint(0, 50257, (batch, seq), generator=gen).to(device)
     y = torch.randint(0, 50257, (batch, seq), generator=gen).to(device)
     contenders = {
-        "gpt2repro": ours(batch, seq, device, on_gpu),
-        "hf GPT2LMHeadModel": hugging_face(batch, seq, device, on_gpu),
+        "gpt2repro": ours(batch, seq, device, on_gpu, dtype),
+        "hf GPT2LMHeadModel": hugging_face(batch, seq, device, on_gpu, dtype),
     }
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for step, _ in contenders.values():

@@ -34,18 +34,26 @@ def independent_best_of_5(n: int, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
+def timing(n: int, flops: float) -> perf.MatmulTiming:
+    return perf.MatmulTiming(n, flops, 2 * n**3 / flops, 5)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
     peak, how = perf.peak_flops(torch.device("cpu"), dtype)
     measured = perf.cpu_peak(dtype)
-    assert peak == measured.flops and f"{measured.size}^3 {dtype}" in how and "best of 5 warmed" in how
+    assert (
+        peak == measured.flops
+        and f"{measured.size}^3 {dtype}" in how
+        and f"best of {measured.repeats} warmed" in how
+    )
     reference = independent_best_of_5(measured.size, torch.bfloat16 if dtype == "bf16" else torch.float32)
     assert abs(peak - reference) <= 0.10 * reference, f"peak {peak:.3e} vs independent {reference:.3e} FLOP/s"
 
 
 def test_peak_grows_the_matmul_until_it_saturates(monkeypatch):
     rates = {256: 1e11, 512: 4e11, 1024: 8e11, 2048: 8.2e11, 4096: 9e11}
-    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype: (rates[n], 2 * n**3 / rates[n]))
+    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype, deadline: timing(n, rates[n]))
     peak = perf.measure_cpu_peak("bf16")
     assert peak.sizes_tried == [256, 512, 1024, 2048]  # 2048 gained < 5% over 1024: stop there
     assert (peak.size, peak.flops) == (2048, 8.2e11)
@@ -53,14 +61,16 @@ def test_peak_grows_the_matmul_until_it_saturates(monkeypatch):
 
 def test_peak_stops_growing_when_the_next_size_would_overrun_the_budget(monkeypatch):
     slow = {256: 1e9, 512: 2e9, 1024: 4e9}  # a kernel without native bf16 support: 1024^3 takes 0.5 s
-    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype: (slow[n], 2 * n**3 / slow[n]))
+    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype, deadline: timing(n, slow[n]))
     peak = perf.measure_cpu_peak("bf16")
     assert peak.sizes_tried == [256, 512] and peak.size == 512
 
 
 def test_cpu_peak_is_cached_on_disk(fresh_cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype: calls.append(n) or (1e12, 1e-3))
+    monkeypatch.setattr(
+        perf, "best_matmul_flops", lambda n, dtype, deadline: calls.append(n) or timing(n, 1e12)
+    )
     first = perf.cpu_peak("fp32")
     measured = len(calls)
     fresh_cache.clear_memory()

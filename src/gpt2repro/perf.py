@@ -85,15 +85,24 @@ class CpuPeak:
         )
 
 
-_PEAK_REPEATS = 5
+_MIN_REPEATS, _MAX_REPEATS, _PATIENCE = 5, 20, 3  # sample until 3 in a row fail to beat the best
 _PEAK_SIZES = (256, 512, 1024, 2048, 4096)
-_PEAK_BUDGET_S = 3.0  # a larger size is tried only if its predicted cost fits in what is left
+_PEAK_BUDGET_S = 5.0  # a larger size is tried only if its predicted cost fits in what is left
 _SATURATED = 1.05  # a size that gains less than 5% over the half size has saturated the kernel
 _MIN_SAMPLE_S = 0.02  # small matmuls are timed in groups, so a sample is not all timer resolution
 
 
-def best_matmul_flops(n: int, dtype: torch.dtype, repeats: int = _PEAK_REPEATS) -> tuple[float, float]:
-    """(best FLOP/s of ``repeats`` samples, seconds per matmul) of a warmed n x n x n matmul."""
+@dataclass(frozen=True)
+class MatmulTiming:
+    n: int
+    flops: float  # FLOP/s of the best sample
+    seconds: float  # per matmul, best sample
+    samples: int
+
+
+def best_matmul_flops(n: int, dtype: torch.dtype, deadline: float = math.inf) -> MatmulTiming:
+    """The best of at least 5 samples of a warmed n x n x n matmul; more while samples keep improving
+    (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
     a = torch.rand(n, n, generator=gen).to(dtype)
     b = torch.rand(n, n, generator=gen).to(dtype)
@@ -102,29 +111,43 @@ def best_matmul_flops(n: int, dtype: torch.dtype, repeats: int = _PEAK_REPEATS) 
     group = 1 + int(_MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))
     for _ in range(group):
         torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
+    best, samples, since_best = math.inf, 0, 0
+    while samples < _MIN_REPEATS or (
+        since_best < _PATIENCE and samples < _MAX_REPEATS and time.perf_counter() < deadline
+    ):
         t0 = time.perf_counter()
         for _ in range(group):
             torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t0) / group)
-    return 2.0 * n**3 / best, best
+        seconds = (time.perf_counter() - t0) / group
+        samples, since_best = samples + 1, since_best + 1
+        if seconds < 0.99 * best:
+            since_best = 0
+        best = min(best, seconds)
+    return MatmulTiming(n, 2.0 * n**3 / best, best, samples)
 
 
 def measure_cpu_peak(dtype: str) -> CpuPeak:
     """Grow the matmul until the kernel saturates (or the time budget ends); the best rate is the peak."""
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    start, rates, seconds = time.perf_counter(), {}, 0.0
+    start = time.perf_counter()
+    deadline = start + _PEAK_BUDGET_S
+    timings: list[MatmulTiming] = []
     for n in _PEAK_SIZES:
-        left = _PEAK_BUDGET_S - (time.perf_counter() - start)
-        if rates and 8 * seconds * (_PEAK_REPEATS + 2) > left:  # n doubles: 8x the work per matmul
+        # n doubles: 8x the work per matmul, for a warm-up, a group and at least 5 samples
+        if timings and 8 * timings[-1].seconds * (_MIN_REPEATS + 2) > deadline - time.perf_counter():
             break
-        rates[n], seconds = best_matmul_flops(n, torch_dtype)
-        if len(rates) > 1 and rates[n] < _SATURATED * rates[n // 2]:
+        timings.append(best_matmul_flops(n, torch_dtype, deadline))
+        if len(timings) > 1 and timings[-1].flops < _SATURATED * timings[-2].flops:
             break
-    size = max(rates, key=rates.get)
+    best = max(timings, key=lambda t: t.flops)
     peak = CpuPeak(
-        rates[size], dtype, size, _PEAK_REPEATS, torch.get_num_threads(), list(rates), os.getloadavg()[0]
+        best.flops,
+        dtype,
+        best.n,
+        best.samples,
+        torch.get_num_threads(),
+        [t.n for t in timings],
+        os.getloadavg()[0],
     )
     log.info(
         "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
