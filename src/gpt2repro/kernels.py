@@ -105,11 +105,19 @@ def cpu_identity() -> CpuIdentity:
     )
 
 
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15-minute load averages; NaN where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return (math.nan,) * 3
+
+
 def describe_cpu() -> str:
     """One line naming the conditions a CPU figure was measured under (every benchmark prints it)."""
     cpu = cpu_identity()
     env = "".join(f" {k}={v}" for k, v in cpu.isa_env)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = " ".join(f"{x:.2f}" for x in load_average())
     return (
         f"CPU {cpu.model} ({os.cpu_count()} cores) | {cpu.isa_summary()} | torch {cpu.torch_version} "
         f"ATen {cpu.capability}{env} | {torch.get_num_threads()} torch threads | load average {load}"
@@ -133,7 +141,7 @@ def last_level_cache_bytes() -> int:
 
 def machine_overloaded() -> bool:
     """More runnable threads than cores (1-minute load average): timings now say little about the CPU."""
-    return os.getloadavg()[0] > (os.cpu_count() or 1)
+    return load_average()[0] > (os.cpu_count() or 1)  # False where the load is unknown (NaN)
 
 
 T = TypeVar("T")
@@ -207,7 +215,7 @@ MAX_DECODE_ROWS = 4  # beyond a few rows the product is a GEMM again and MKL's o
 DECODE_KERNELS = ("linear", "bmm")
 _ROUNDS, _MIN_ROUNDS, _ROUND_BUDGET_S = 5, 3, 1.0
 _MARGIN = 0.05  # bmm must win by this much: F.linear is the default, and the safe one on unknown CPUs
-_POOL_MAX_COPIES = 64
+_POOL_MAX_COPIES = 32  # enough to overflow a 32 MiB L3 with a 768x768 fp32 weight; more calls cost time
 
 
 def linear_by_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

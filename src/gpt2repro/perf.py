@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from gpt2repro.config import GPTConfig
-from gpt2repro.kernels import CALIBRATIONS
+from gpt2repro.kernels import CALIBRATIONS, load_average
 
 log = logging.getLogger("gpt2repro")
 
@@ -147,7 +146,7 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
         best.samples,
         torch.get_num_threads(),
         [t.n for t in timings],
-        os.getloadavg()[0],
+        load_average()[0],
     )
     log.info(
         "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
