@@ -51,12 +51,21 @@ def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
     assert abs(peak - reference) <= 0.10 * reference, f"peak {peak:.3e} vs independent {reference:.3e} FLOP/s"
 
 
-def test_peak_grows_the_matmul_until_it_saturates(monkeypatch):
-    rates = {256: 1e11, 512: 4e11, 1024: 8e11, 2048: 8.2e11, 4096: 9e11}
+@pytest.mark.parametrize(
+    "rates,tried,best",
+    [
+        ({256: 1e11, 512: 4e11, 1024: 8e11, 2048: 8.2e11, 4096: 9e11}, [256, 512, 1024, 2048], 2048),
+        ({256: 1e11, 512: 4e11, 1024: 8e11, 2048: 1e12, 4096: 1.2e12}, [256, 512, 1024, 2048, 4096], 4096),
+        # this AMD EPYC's MKL fp32: in-cache 256^3 is fastest, 4096^3 would overrun the budget
+        ({256: 1.2e11, 512: 4e10, 1024: 4.5e10, 2048: 5.4e10}, [256, 512, 1024, 2048], 2048),
+    ],
+)
+def test_peak_grows_the_matmul_until_it_saturates(rates, tried, best, monkeypatch):
+    """Sizes double until one gains < 5% (from 1024 on) or would overrun the budget; best of >= 1024 wins."""
     monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype, deadline: timing(n, rates[n]))
-    peak = perf.measure_cpu_peak("bf16")
-    assert peak.sizes_tried == [256, 512, 1024, 2048]  # 2048 gained < 5% over 1024: stop there
-    assert (peak.size, peak.flops) == (2048, 8.2e11)
+    peak = perf.measure_cpu_peak("fp32")
+    assert peak.sizes_tried == tried
+    assert (peak.size, peak.flops) == (best, rates[best])
 
 
 def test_peak_stops_growing_when_the_next_size_would_overrun_the_budget(monkeypatch):

@@ -88,7 +88,9 @@ _MIN_REPEATS, _MAX_REPEATS, _PATIENCE = 5, 20, 3  # sample until 3 in a row fail
 _PEAK_SIZES = (256, 512, 1024, 2048, 4096)
 _PEAK_BUDGET_S = 5.0  # a larger size is tried only if its predicted cost fits in what is left
 _SATURATED = 1.05  # a size that gains less than 5% over the half size has saturated the kernel
+_MIN_PEAK_SIZE = 1024  # smaller sizes only predict the cost of larger ones (see measure_cpu_peak)
 _MIN_SAMPLE_S = 0.02  # small matmuls are timed in groups, so a sample is not all timer resolution
+_WARMUP_S = 0.1  # thread pool, primitive creation, AMX tile set-up and clocks settle in the first calls
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,12 @@ def best_matmul_flops(n: int, dtype: torch.dtype, deadline: float = math.inf) ->
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
     a = torch.rand(n, n, generator=gen).to(dtype)
     b = torch.rand(n, n, generator=gen).to(dtype)
-    t0 = time.perf_counter()
-    torch.mm(a, b)  # warm-up: thread pool, primitive creation, AMX tile set-up, clocks
-    group = 1 + int(_MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))
-    for _ in range(group):
+    start, calls, last = time.perf_counter(), 0, 0.0
+    while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
+        t0 = time.perf_counter()
         torch.mm(a, b)
+        calls, last = calls + 1, time.perf_counter() - t0
+    group = 1 + int(_MIN_SAMPLE_S / max(last, 1e-6))
     best, samples, since_best = math.inf, 0, 0
     while samples < _MIN_REPEATS or (
         since_best < _PATIENCE and samples < _MAX_REPEATS and time.perf_counter() < deadline
@@ -126,19 +129,26 @@ def best_matmul_flops(n: int, dtype: torch.dtype, deadline: float = math.inf) ->
 
 
 def measure_cpu_peak(dtype: str) -> CpuPeak:
-    """Grow the matmul until the kernel saturates (or the time budget ends); the best rate is the peak."""
+    """Grow the matmul until the kernel saturates (or the time budget ends); the best rate is the peak.
+
+    Sizes double from 256; those below 1024 only predict the cost of the next, unless no larger one fits
+    the budget (a CPU without native bf16 takes seconds per 1024^3). A small matmul is all per-call
+    overhead on most CPUs, and where it runs from cache it outruns every training matmul: on the AMD
+    EPYC this was written on, MKL's fp32 256^3 reached twice its 2048^3 rate, and unreliably so.
+    """
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     start = time.perf_counter()
     deadline = start + _PEAK_BUDGET_S
     timings: list[MatmulTiming] = []
     for n in _PEAK_SIZES:
-        # n doubles: 8x the work per matmul, for a warm-up, a group and at least 5 samples
+        # n doubles: 8x the work per matmul, for 2 warm-up calls and at least 5 samples
         if timings and 8 * timings[-1].seconds * (_MIN_REPEATS + 2) > deadline - time.perf_counter():
             break
         timings.append(best_matmul_flops(n, torch_dtype, deadline))
-        if len(timings) > 1 and timings[-1].flops < _SATURATED * timings[-2].flops:
+        large = [t for t in timings if t.n >= _MIN_PEAK_SIZE]
+        if len(large) > 1 and large[-1].flops < _SATURATED * large[-2].flops:
             break
-    best = max(timings, key=lambda t: t.flops)
+    best = max([t for t in timings if t.n >= _MIN_PEAK_SIZE] or timings[-1:], key=lambda t: t.flops)
     peak = CpuPeak(
         best.flops,
         dtype,
