@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from gpt2repro.config import GPTConfig
 from gpt2repro.evals.hellaswag import candidate_tokens, load_hellaswag, score_hellaswag
 from gpt2repro.evals.scoring import EvalSetup
+from gpt2repro.kernels import describe_cpu
 from gpt2repro.model import GPT
 from gpt2repro.runtime import autocast
 
@@ -69,9 +70,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2")).to(device).eval()
     items, style = load_hellaswag(args.data, "harness", limit=args.items)
+    print(describe_cpu())
     where = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"HellaSwag, first {len(items)} items of {Path(args.data).name} ({style} style), "
-          f"random-weight GPT-2 124M, {where}, {torch.get_num_threads()} CPU threads, {args.dtype}")
+    print(
+        f"HellaSwag, first {len(items)} items of {Path(args.data).name} ({style} style), "
+        f"random-weight GPT-2 124M, {where}, {torch.get_num_threads()} CPU threads, {args.dtype}"
+    )
     score_hellaswag(model, items[:8], EvalSetup(4, device, args.dtype), style=style)  # warm-up
     one_example_at_a_time(model, items[:2], args.dtype, device)
 
@@ -85,8 +89,10 @@ def main() -> None:
         t0 = time.perf_counter()
         ours += score_hellaswag(model, chunk, EvalSetup(args.batch_size, device, args.dtype), style=style)
         t_ours += time.perf_counter() - t0
-        print(f"  {start + len(chunk)}/{len(items)}: {t_peer:.1f}s one at a time, {t_ours:.1f}s batched",
-              flush=True)
+        print(
+            f"  {start + len(chunk)}/{len(items)}: {t_peer:.1f}s one at a time, {t_ours:.1f}s batched",
+            flush=True,
+        )
 
     # harness acc_norm divides by characters, build-nanogpt's by tokens: compare the acc (summed) predictions
     agree = sum(o.pred == p_[0] for o, p_ in zip(ours, peer, strict=True))

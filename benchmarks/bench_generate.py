@@ -8,19 +8,28 @@ All three produce the same tokens (checked); the figures are tokens per second o
 On a CPU shared with other busy processes, every multi-threaded op waits at its thread barrier for a
 descheduled thread (~10 ms per op here), so a decoding step costs "ops x barrier" rather than its
 memory traffic; ``--threads 1`` measures the loops themselves.
+
+Decoding one token reads every weight once, so its ceiling is memory bandwidth: the bench also measures
+an fp32 GEMV of the LM head's shape (F.linear and the row-block bmm of gpt2repro.kernels, best of 5) and
+prints our decode's weight traffic as a % of the faster of the two. The decode kernel of each shape is
+chosen by calibration (logged); ``GPT2REPRO_DECODE_KERNEL=linear|bmm`` forces one.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from gpt2repro import GPT
+from gpt2repro.kernels import describe_cpu, linear_by_row_blocks
 from gpt2repro.tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"
@@ -32,15 +41,41 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out
 
 
+def gemv_bandwidth(weight: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """GB/s at which one row times ``weight`` streams the weight: F.linear and row-block bmm, interleaved."""
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+    kernels = {
+        "F.linear": lambda: F.linear(x, weight),
+        "row-block bmm": lambda: linear_by_row_blocks(x, weight, None),
+    }
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.inference_mode():
+        for run in kernels.values():
+            run()
+        for _ in range(repeats):
+            for name, run in kernels.items():
+                t, _ = timed(run)
+                best[name] = min(best[name], t)
+    nbytes = weight.numel() * weight.element_size()
+    return {name: nbytes / t / 1e9 for name, t in best.items()}
+
+
+def weight_bytes_per_token(model: GPT) -> int:
+    """Bytes of weights a decoding step reads: every matrix (the tied LM head once), not wpe's rows."""
+    skip = {id(model.transformer.wpe.weight)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and id(p) not in skip)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-cache-repeats", type=int, default=1)
+    parser.add_argument("--no-cache-repeats", type=int, default=1, help="0 skips the (slow) no-cache loop")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")  # the decode-kernel calibrations
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -63,13 +98,27 @@ def main() -> None:
     def run_hf(new=None):
         with torch.inference_mode():
             return hf.generate(
-                idx, attention_mask=torch.ones_like(idx), max_new_tokens=new or n,
-                do_sample=False, use_cache=True, pad_token_id=50256,
+                idx,
+                attention_mask=torch.ones_like(idx),
+                max_new_tokens=new or n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=50256,
             )
 
-    print(f"GPT-2 124M (random weights), CPU, {torch.get_num_threads()} threads, "
-          f"prompt {idx.size(1)} tokens, {n} new tokens, greedy, batch 1")
-    for fn in (run_ours, run_hf, run_no_cache):  # warm-up
+    print(describe_cpu())
+    print(
+        f"GPT-2 124M (random weights), CPU, {torch.get_num_threads()} threads, "
+        f"prompt {idx.size(1)} tokens, {n} new tokens, greedy, batch 1"
+    )
+    gemv = gemv_bandwidth(ours.lm_head.weight.detach())
+    print(
+        "fp32 GEMV of the LM head "
+        + "x".join(map(str, ours.lm_head.weight.shape))
+        + ": "
+        + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in gemv.items())
+    )
+    for fn in (run_ours, run_hf, run_no_cache)[: 3 if args.no_cache_repeats else 2]:  # warm-up
         fn(8)
     # Alternate the two fast contenders so a change in machine load hits both; keep each one's best.
     t_ours = t_hf = float("inf")
@@ -78,13 +127,22 @@ def main() -> None:
         t_ours = min(t_ours, t)
         t, out_hf = timed(run_hf)
         t_hf = min(t_hf, t)
-    t_nc, out_nc = min((timed(run_no_cache) for _ in range(args.no_cache_repeats)), key=lambda r: r[0])
-    same = torch.equal(out_ours, out_hf) and torch.equal(out_ours, out_nc)
-    rows = [("gpt2repro (KV cache)", t_ours), ("HF generate (use_cache)", t_hf), ("gpt2repro no cache", t_nc)]
+    rows = [("gpt2repro (KV cache)", t_ours), ("HF generate (use_cache)", t_hf)]
+    same = torch.equal(out_ours, out_hf)
+    if args.no_cache_repeats:
+        t_nc, out_nc = min((timed(run_no_cache) for _ in range(args.no_cache_repeats)), key=lambda r: r[0])
+        same = same and torch.equal(out_ours, out_nc)
+        rows.append(("gpt2repro no cache", t_nc))
     for name, t in rows:
         print(f"{name:26s} {n / t:8.1f} tokens/s  ({t:.2f} s)")
-    print(f"speed-up vs HF generate: {t_hf / t_ours:.2f}x   vs no cache: {t_nc / t_ours:.2f}x   "
-          f"identical tokens: {same}")
+    no_cache = f"   vs no cache: {rows[2][1] / t_ours:.2f}x" if len(rows) > 2 else ""
+    print(f"speed-up vs HF generate: {t_hf / t_ours:.2f}x{no_cache}   identical tokens: {same}")
+    decode_gbs, best_gemv = weight_bytes_per_token(ours) * n / t_ours / 1e9, max(gemv.values())
+    print(
+        f"our decode streams the weights at {decode_gbs:.1f} GB/s = {decode_gbs / best_gemv:.0%} of "
+        f"the best fp32 GEMV bandwidth ({best_gemv:.1f} GB/s); load average now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

@@ -94,13 +94,31 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
         f.write("5")  # reset VmHWM to the current RSS
     seconds = step(count_saved=False)
     peak = _status_mib("VmHWM")
-    return {"before_mib": before, "peak_mib": peak, "step_mib": peak - before, "seconds": seconds,
-            "saved_mib": saved_bytes / 2**20, "params_m": model.num_params() / 1e6}
+    return {
+        "before_mib": before,
+        "peak_mib": peak,
+        "step_mib": peak - before,
+        "seconds": seconds,
+        "saved_mib": saved_bytes / 2**20,
+        "params_m": model.num_params() / 1e6,
+    }
 
 
 def run_child(args: argparse.Namespace, checkpointing: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", "1" if checkpointing else "0", "--model", args.model,
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "1" if checkpointing else "0",
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--dtype",
+        args.dtype,
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -120,22 +138,35 @@ def main() -> None:
         print(json.dumps(measure(args, checkpointing=args.child == "1")))
         return
 
-    print(f"one training step of {args.model}, B={args.batch}, T={args.seq_len}, {args.dtype}, CPU "
-          f"({os.cpu_count()} cores); each variant in its own fresh process")
+    from gpt2repro.kernels import describe_cpu
+
+    print(describe_cpu())
+    print(
+        f"one training step of {args.model}, B={args.batch}, T={args.seq_len}, {args.dtype}, CPU "
+        f"({os.cpu_count()} cores); each variant in its own fresh process"
+    )
     results = {name: run_child(args, checkpointing=i == 1) for i, name in enumerate(VARIANTS)}
     print(f"{'':24}{'RSS before':>12}{'peak RSS':>12}{'step needs':>12}{'saved acts':>12}{'step time':>11}")
     for name, r in results.items():
-        print(f"{name:24}{r['before_mib']:>8.0f} MiB{r['peak_mib']:>8.0f} MiB{r['step_mib']:>8.0f} MiB"
-              f"{r['saved_mib']:>8.0f} MiB{r['seconds']:>9.2f} s")
+        print(
+            f"{name:24}{r['before_mib']:>8.0f} MiB{r['peak_mib']:>8.0f} MiB{r['step_mib']:>8.0f} MiB"
+            f"{r['saved_mib']:>8.0f} MiB{r['seconds']:>9.2f} s"
+        )
     plain, ckpt = (results[name] for name in VARIANTS)
-    print(f"peak RSS: {ckpt['peak_mib']:.0f} vs {plain['peak_mib']:.0f} MiB, "
-          f"{1 - ckpt['peak_mib'] / plain['peak_mib']:.1%} lower with checkpointing "
-          f"({plain['peak_mib'] / ckpt['peak_mib']:.2f}x)")
-    print(f"memory the step needs on top of weights + optimizer state: {ckpt['step_mib']:.0f} vs "
-          f"{plain['step_mib']:.0f} MiB, {1 - ckpt['step_mib'] / plain['step_mib']:.1%} lower")
-    print(f"activations kept for backward: {ckpt['saved_mib']:.0f} vs {plain['saved_mib']:.0f} MiB; "
-          f"step time {ckpt['seconds'] / plain['seconds']:.2f}x (one more forward per block; wall time, "
-          "noisy on a shared machine)")
+    print(
+        f"peak RSS: {ckpt['peak_mib']:.0f} vs {plain['peak_mib']:.0f} MiB, "
+        f"{1 - ckpt['peak_mib'] / plain['peak_mib']:.1%} lower with checkpointing "
+        f"({plain['peak_mib'] / ckpt['peak_mib']:.2f}x)"
+    )
+    print(
+        f"memory the step needs on top of weights + optimizer state: {ckpt['step_mib']:.0f} vs "
+        f"{plain['step_mib']:.0f} MiB, {1 - ckpt['step_mib'] / plain['step_mib']:.1%} lower"
+    )
+    print(
+        f"activations kept for backward: {ckpt['saved_mib']:.0f} vs {plain['saved_mib']:.0f} MiB; "
+        f"step time {ckpt['seconds'] / plain['seconds']:.2f}x (one more forward per block; wall time, "
+        "noisy on a shared machine)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from gpt2repro.config import EOT_TOKEN_ID
+from gpt2repro.kernels import describe_cpu
 from gpt2repro.prepare import available_cores, prepare_corpus
 from gpt2repro.sources import file_documents
 from gpt2repro.tokenizer import get_tokenizer
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
     parser.add_argument("--workers", type=int, default=None, help="prepare's workers (default: all cores)")
     args = parser.parse_args()
+    print(describe_cpu())
     paths = [str(SHARED_DATA / f) for f in FILES]
     documents = list(file_documents(paths, split_on_blank_lines=True))
     megabytes = sum(os.path.getsize(p) for p in paths) / 1e6

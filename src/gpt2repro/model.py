@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt2repro.config import ATTENTION_BACKENDS, GPTConfig
 from gpt2repro.errors import UserError
+from gpt2repro.kernels import Linear
 from gpt2repro.loss import cross_entropy
 
 
@@ -42,42 +43,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys.shape[3]
-
-
-# A single-row x @ W.T (one token being decoded) is a GEMV, which MKL runs on one thread and, on AMD
-# CPUs, at under half the memory bandwidth; cut into a batch of row blocks, the same product is a bmm
-# that every core shares, at the machine's streaming bandwidth (benchmarks/bench_generate.py).
-_ROW_BLOCKS = 8
-_MAX_DECODE_ROWS = 4  # beyond a few rows the product is a GEMM again and MKL's own kernel wins
-
-
-def _linear_by_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for a few rows of ``x``, computed as ``bmm`` over blocks of ``weight``'s rows."""
-    out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features)
-    n_blocked = out_features // _ROW_BLOCKS * _ROW_BLOCKS
-    blocks = weight[:n_blocked].view(_ROW_BLOCKS, n_blocked // _ROW_BLOCKS, in_features)
-    y = torch.bmm(blocks, rows.t().unsqueeze(0).expand(_ROW_BLOCKS, -1, -1)).view(n_blocked, -1).t()
-    if n_blocked < out_features:  # the last out_features % 8 rows (e.g. the unpadded 50257-row head)
-        y = torch.cat([y, F.linear(rows, weight[n_blocked:])], dim=1)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], out_features)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state_dict) that decodes fast on CPU; see above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.numel() <= _MAX_DECODE_ROWS * self.in_features
-            and x.dtype == self.weight.dtype
-            and self.weight.is_contiguous()
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return _linear_by_row_blocks(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):

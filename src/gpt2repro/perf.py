@@ -1,18 +1,25 @@
 """Model FLOPs per token and MFU against the real peak of the device in use.
 
 GPUs: a table of dense (no 2:4 sparsity) tensor-core peaks by product name and dtype. CPUs: a peak
-*measured* once per process with a square matmul in the training dtype, because CPU peaks vary too much
-(cores, AVX-512, AMX, clocks) for a table; MFU on CPU is therefore "fraction of what a large matmul reaches".
+*measured* the way a benchmark would (warmed, best of several, at a size that saturates the dtype's
+kernel), because CPU peaks vary too much (cores, AVX-512, AMX, clocks) for a table; it is measured once
+and cached like the kernel choices (gpt2repro.kernels). MFU on CPU is "fraction of what a large matmul
+reaches".
 """
 
 from __future__ import annotations
 
-import functools
+import logging
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from gpt2repro.config import GPTConfig
+from gpt2repro.kernels import CALIBRATIONS, load_average
+
+log = logging.getLogger("gpt2repro")
 
 # Dense peak FLOP/s per GPU, from the vendors' data sheets. fp32 means TF32 tensor cores (TF32 is on).
 GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
@@ -57,21 +64,114 @@ def gpu_peak_flops(device: torch.device, dtype: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def measured_cpu_peak_flops(dtype: str = "bf16", seconds: float = 0.5, n: int = 2048) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype`` on this CPU with torch's current threads (cached)."""
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+@dataclass(frozen=True)
+class CpuPeak:
+    """A measured CPU matmul peak, and how it was measured (so a reader can judge the MFU built on it)."""
+
+    flops: float
+    dtype: str
+    size: int  # n of the n x n x n matmul that reached the peak
+    repeats: int
+    threads: int
+    sizes_tried: list[int]
+    load_average: float  # 1-minute load average while measuring
+
+    def describe(self) -> str:
+        tried = "/".join(str(n) for n in self.sizes_tried)
+        return (
+            f"measured: best of {self.repeats} warmed {self.size}^3 {self.dtype} matmuls on {self.threads} "
+            f"CPU threads (sizes {tried} tried), load average {self.load_average:.1f}"
+        )
+
+
+_MIN_REPEATS, _MAX_REPEATS, _PATIENCE = 5, 20, 3  # sample until 3 in a row fail to beat the best
+_PEAK_SIZES = (256, 512, 1024, 2048, 4096)
+_PEAK_BUDGET_S = 5.0  # a larger size is tried only if its predicted cost fits in what is left
+_SATURATED = 1.05  # a size that gains less than 5% over the half size has saturated the kernel
+_MIN_PEAK_SIZE = 1024  # smaller sizes only predict the cost of larger ones (see measure_cpu_peak)
+_MIN_SAMPLE_S = 0.02  # small matmuls are timed in groups, so a sample is not all timer resolution
+_WARMUP_S = 0.1  # thread pool, primitive creation, AMX tile set-up and clocks settle in the first calls
+
+
+@dataclass(frozen=True)
+class MatmulTiming:
+    n: int
+    flops: float  # FLOP/s of the best sample
+    seconds: float  # per matmul, best sample
+    samples: int
+
+
+def best_matmul_flops(n: int, dtype: torch.dtype, deadline: float = math.inf) -> MatmulTiming:
+    """The best of at least 5 samples of a warmed n x n x n matmul; more while samples keep improving
+    (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
-    a = torch.randn(n, n, generator=gen).to(torch_dtype)
-    b = torch.randn(n, n, generator=gen).to(torch_dtype)
-    torch.mm(a, b)  # warm-up (thread pool, kernel selection)
-    iters, start = 0, time.perf_counter()
-    while True:
+    a = torch.rand(n, n, generator=gen).to(dtype)
+    b = torch.rand(n, n, generator=gen).to(dtype)
+    start, calls, last = time.perf_counter(), 0, 0.0
+    while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
+        t0 = time.perf_counter()
         torch.mm(a, b)
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and iters >= 3:
-            return 2.0 * n**3 * iters / elapsed
+        calls, last = calls + 1, time.perf_counter() - t0
+    group = 1 + int(_MIN_SAMPLE_S / max(last, 1e-6))
+    best, samples, since_best = math.inf, 0, 0
+    while samples < _MIN_REPEATS or (
+        since_best < _PATIENCE and samples < _MAX_REPEATS and time.perf_counter() < deadline
+    ):
+        t0 = time.perf_counter()
+        for _ in range(group):
+            torch.mm(a, b)
+        seconds = (time.perf_counter() - t0) / group
+        samples, since_best = samples + 1, since_best + 1
+        if seconds < 0.99 * best:
+            since_best = 0
+        best = min(best, seconds)
+    return MatmulTiming(n, 2.0 * n**3 / best, best, samples)
+
+
+def measure_cpu_peak(dtype: str) -> CpuPeak:
+    """Grow the matmul until the kernel saturates (or the time budget ends); the best rate is the peak.
+
+    Sizes double from 256; those below 1024 only predict the cost of the next, unless no larger one fits
+    the budget (a CPU without native bf16 takes seconds per 1024^3). A small matmul is all per-call
+    overhead on most CPUs, and where it runs from cache it outruns every training matmul: on the AMD
+    EPYC this was written on, MKL's fp32 256^3 reached twice its 2048^3 rate, and unreliably so.
+    """
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    start = time.perf_counter()
+    deadline = start + _PEAK_BUDGET_S
+    timings: list[MatmulTiming] = []
+    for n in _PEAK_SIZES:
+        # n doubles: 8x the work per matmul, for 2 warm-up calls and at least 5 samples
+        if timings and 8 * timings[-1].seconds * (_MIN_REPEATS + 2) > deadline - time.perf_counter():
+            break
+        timings.append(best_matmul_flops(n, torch_dtype, deadline))
+        large = [t for t in timings if t.n >= _MIN_PEAK_SIZE]
+        if len(large) > 1 and large[-1].flops < _SATURATED * large[-2].flops:
+            break
+    best = max([t for t in timings if t.n >= _MIN_PEAK_SIZE] or timings[-1:], key=lambda t: t.flops)
+    peak = CpuPeak(
+        best.flops,
+        dtype,
+        best.n,
+        best.samples,
+        torch.get_num_threads(),
+        [t.n for t in timings],
+        load_average()[0],
+    )
+    log.info(
+        "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
+        dtype,
+        peak.flops / 1e12,
+        peak.describe(),
+        time.perf_counter() - start,
+    )
+    return peak
+
+
+def cpu_peak(dtype: str) -> CpuPeak:
+    """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk."""
+    key = f"peak/{dtype}/threads{torch.get_num_threads()}"
+    return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype))
 
 
 def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
@@ -81,9 +181,8 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
         name = torch.cuda.get_device_name(device)
         return peak, (f"{name} {dtype} data-sheet peak" if peak else f"{name}: not in the peak table")
     if device.type == "cpu":
-        matmul_dtype = "bf16" if dtype == "bf16" else "fp32"
-        peak = measured_cpu_peak_flops(matmul_dtype)
-        return peak, f"measured {matmul_dtype} 2048^3 matmul on {torch.get_num_threads()} CPU threads"
+        measured = cpu_peak("bf16" if dtype == "bf16" else "fp32")
+        return measured.flops, measured.describe()
     return None, f"{device.type}: peak unknown"
 
 

@@ -213,21 +213,3 @@ def test_adamw_training_matches_hf_step_by_step(tmp_path):
             value.backward()
             opt.step()
     assert losses[-1] < losses[0] - 0.01  # the steps really trained (toward the uniform ln V on random data)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("out_features,bias", [(2304, True), (50257, False), (13, True)])
-def test_decode_linear_equals_f_linear(rows, out_features, bias):
-    """The row-block bmm that decoding takes (<= 4 rows on CPU) computes exactly what F.linear computes."""
-    from gpt2repro.model import Linear
-
-    torch.manual_seed(rows)
-    layer = Linear(96, out_features, bias=bias)
-    if bias:
-        torch.nn.init.normal_(layer.bias)
-    x = torch.randn(1, rows, 96)
-    with torch.no_grad():
-        got = layer(x)
-    expected = F.linear(x, layer.weight, layer.bias)
-    assert got.shape == expected.shape == (1, rows, out_features)
-    assert (got - expected).abs().max().item() <= 1e-5
