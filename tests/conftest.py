@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One cache for the whole session (this process and every CLI/torchrun process it starts): the measured
+# CPU peak and kernel calibrations are taken once, not in every subprocess, and ~/.cache stays untouched.
+os.environ.setdefault("GPT2REPRO_CACHE", tempfile.mkdtemp(prefix="gpt2repro-test-cache-"))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import torch
 from gpt2repro import checkpoint as ckpt_io
 from gpt2repro import distributed
 from gpt2repro.evals.scoring import EvalSetup
+from gpt2repro.kernels import describe_cpu
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.preemption import Preempted, StopSignals, resume_command, signal_name
 from gpt2repro.run_writer import RunWriter
@@ -122,6 +123,8 @@ class TrainingRun:
             self.model.config.block_size,
             trainer.compiled,
         )
+        if self.device.type == "cpu":
+            log.info("%s", describe_cpu())
         peak = f"{self.peak / 1e12:.3f} TFLOP/s ({peak_source})" if self.peak else peak_source
         log.info(
             "batch %d tokens/step = %d micro x %d seq x %d accum x %d ranks | peak %s",

@@ -18,7 +18,7 @@ from tiny_run import make_tiny_run
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.checkpoint import atomic_save
 from gpt2repro.cli import main
-from gpt2repro.sample import stream_tokens
+from gpt2repro.sample import SamplingOptions, stream_tokens
 from gpt2repro.tokenizer import EOT, get_tokenizer, tokenizer_files
 from gpt2repro.weights import load_pretrained
 
@@ -163,7 +163,7 @@ def test_pipeline_greedy_generation_equals_gpt2repro_sample(exported, kind, caps
     assert capsys.readouterr().out == hf["text"] + "\n"
     prompt = get_tokenizer().encode(PROMPT)
     model = load_pretrained(source).eval()
-    ours = [int(t) for t in stream_tokens(model, torch.tensor([prompt]), NEW_TOKENS, temperature=0.0)]
+    ours = [int(t) for t in stream_tokens(model, torch.tensor([prompt]), NEW_TOKENS, SamplingOptions(0.0))]
     assert hf["ids"] == prompt + ours
     if kind == "checkpoint":
         assert len(set(ours)) > 10, "a greedy path this varied makes the comparison meaningful"

@@ -88,7 +88,8 @@ def test_signal_checkpoints_the_step_and_resume_is_bit_identical(data, uninterru
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert 4 <= step < STEPS
     assert list_checkpoints(out) == [checkpoint_path(out, step)]
-    assert "resume with: gpt2repro train " in stopped[0] and stopped[0].endswith(f"--out {out} --resume auto")
+    assert "resume with: gpt2repro train " in stopped[0] and f"--out {out} " in stopped[0]
+    assert stopped[0].endswith(" --resume auto")
     run_ok(cmd + ["--resume", "auto"])
     ours, reference = final_params(out), final_params(uninterrupted)
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
@@ -141,7 +142,7 @@ def test_elastic_restart_after_a_worker_is_killed(data, uninterrupted_without_dr
     proc = start([*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", "-m", "gpt2repro", *args], log)
     wait_for(log, "step     5/", proc)
     subprocess.run(["kill", "-KILL", str(max(children(proc.pid)))], check=True)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     err = log.read_text()
     assert "resumed from" in err and f"done: {STEPS} steps" in err
     assert_same_parameters(final_params(out), final_params(uninterrupted_without_dropout), atol=1e-5)

@@ -199,19 +199,21 @@ def val_batches(ctx: DoctorContext) -> list:
 
 def val_loss_of(ctx: DoctorContext, model, dtype: str) -> dict:
     """``gpt2repro.evals.val.val_loss`` over the batches of ``val_batches``: {"loss", "tokens"}."""
+    from gpt2repro.evals.scoring import EvalSetup
     from gpt2repro.evals.val import val_loss
 
     batches = val_batches(ctx)
     rows, seq = batches[0][0].shape
-    return val_loss(model, ctx.corpus(), batch_size=rows, seq_len=seq, max_tokens=len(batches) * rows * seq,
-                    device=ctx.device, dtype=dtype)  # fmt: skip
+    setup = EvalSetup(rows, ctx.device, dtype)
+    return val_loss(model, ctx.corpus(), setup, seq_len=seq, max_tokens=len(batches) * rows * seq)
 
 
 def hellaswag_scores(ctx: DoctorContext, model, items: list, dtype: str) -> list:
     """``score_hellaswag`` the way build-nanogpt scores (completion style)."""
     from gpt2repro.evals.hellaswag import score_hellaswag
+    from gpt2repro.evals.scoring import EvalSetup
 
-    return score_hellaswag(model, items, style="completion", device=ctx.device, dtype=dtype)
+    return score_hellaswag(model, items, EvalSetup(None, ctx.device, dtype), style="completion")
 
 
 def training_shaped_val_batch(ctx: DoctorContext) -> tuple[torch.Tensor, torch.Tensor]:
