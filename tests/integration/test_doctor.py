@@ -202,7 +202,7 @@ def test_a_failing_check_is_a_failed_row_and_exit_code_1(tmp_path, capsys):
         ("fine", PASS),
     ]  # later checks ran
     call = rows[0]["call"]
-    assert call.startswith("_runs_out_of_memory (tests/test_doctor.py:")
+    assert call.startswith("_runs_out_of_memory (tests/integration/test_doctor.py:")
     assert call.endswith("raised RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "--micro-batch" in rows[0]["fix"]
     out = capsys.readouterr().out
@@ -254,7 +254,7 @@ def test_a_broken_torch_compile_fails_its_row_and_the_rest_runs_eager(
     ctx = DoctorContext(CPU, True, sizes, tmp_path, data_dir=corpus)
     compile_row, speed, loss = check_training(ctx)
     assert compile_row.name == "torch.compile" and compile_row.status == FAIL
-    assert compile_row.call.startswith("forward (tests/test_doctor.py:")
+    assert compile_row.call.startswith("forward (tests/integration/test_doctor.py:")
     assert "--compile false" in compile_row.fix
     assert speed.status == PASS and "eager: torch.compile failed" in speed.detail
     assert speed.metrics["compiled"] is False and loss.status == PASS

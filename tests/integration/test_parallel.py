@@ -94,6 +94,7 @@ def test_fsdp_two_ranks_equal_one_process(runs):
     assert all(is_sharded_checkpoint(p) for p in list_checkpoints(fsdp))
     assert sorted(f.name for f in (fsdp / "checkpoints" / "step_00000006").iterdir()) == [
         ".metadata",
+        "SHA256SUMS",
         "__0_0.distcp",
         "__1_0.distcp",
         "train_state.pt",

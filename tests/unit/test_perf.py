@@ -47,7 +47,9 @@ def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
         and f"{measured.size}^3 {dtype}" in how
         and f"best of {measured.repeats} warmed" in how
     )
-    reference = independent_best_of_5(measured.size, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    # three independent best-of-5 runs: on a shared 2-core VM one run alone can land 15% low
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    reference = max(independent_best_of_5(measured.size, torch_dtype) for _ in range(3))
     assert abs(peak - reference) <= 0.10 * reference, f"peak {peak:.3e} vs independent {reference:.3e} FLOP/s"
 
 
