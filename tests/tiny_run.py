@@ -28,13 +28,31 @@ def make_tiny_run(root: Path) -> Path:
         return _made[0]
     assert HELLASWAG.is_file(), f"test data {HELLASWAG} is missing (expected ../shared/data beside the repo)"
     data, run = root / "data", root / "run"
-    prepare_corpus(embedded_documents(), data, source_name="embedded", max_tokens=40_000,
-                   val_tokens=4_096, workers=1)
+    prepare_corpus(
+        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
+    )
     overrides = dict(
-        model="gpt2-micro", data=str(data), out=str(run), device="cpu", dtype="fp32", compile="false",
-        seq_len=32, micro_batch=4, total_batch=128, max_steps=MAX_STEPS, lr=3e-3, warmup_steps=2,
-        eval_every=3, eval_tokens=256, checkpoint_every=3, log_every=1, sample_every=0, num_samples=0,
-        hellaswag=str(HELLASWAG), hellaswag_every=MAX_STEPS, hellaswag_limit=8,  # logged at the last step
+        model="gpt2-micro",
+        data=str(data),
+        out=str(run),
+        device="cpu",
+        dtype="fp32",
+        compile="false",
+        seq_len=32,
+        micro_batch=4,
+        total_batch=128,
+        max_steps=MAX_STEPS,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=3,
+        eval_tokens=256,
+        checkpoint_every=3,
+        log_every=1,
+        sample_every=0,
+        num_samples=0,
+        hellaswag=str(HELLASWAG),
+        hellaswag_every=MAX_STEPS,
+        hellaswag_limit=8,  # logged at the last step
     )
     train(None, overrides)
     checkpoint_path(run, MAX_STEPS).unlink()  # "crashed" after logging step 6, before its checkpoint

@@ -136,8 +136,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint file, with one clear error if it is missing, truncated or not ours."""
     path = Path(path)
     if path.name == "config.json" or path.suffix == ".json":
-        raise UserError(f"{path} is a run's configuration, not a checkpoint: pass --resume the run directory "
-                        f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt")
+        raise UserError(
+            f"{path} is a run's configuration, not a checkpoint: pass --resume the run directory "
+            f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt"
+        )
     if is_sharded_checkpoint(path):
         verify_checksum(path)
         return load_train_state(path)
@@ -160,8 +162,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the latest checkpoint of a run directory."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        raise UserError(f"{path} is a run's configuration, not a checkpoint: pass --resume the run directory "
-                        f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt")
+        raise UserError(
+            f"{path} is a run's configuration, not a checkpoint: pass --resume the run directory "
+            f"({path.parent}) or one of its checkpoints/step_XXXXXXXX.pt"
+        )
     if path.is_file() or is_sharded_checkpoint(path):
         return path
     latest = latest_checkpoint(path)

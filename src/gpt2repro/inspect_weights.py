@@ -178,8 +178,9 @@ def find_matrix(model: GPT, name: str) -> tuple[str, torch.Tensor]:
     return key, w
 
 
-def weight_heatmap_figure(model: GPT, name: str = DEFAULT_MATRIX, size: int = DEFAULT_MATRIX_SIZE,
-                          label: str = "") -> Figure:
+def weight_heatmap_figure(
+    model: GPT, name: str = DEFAULT_MATRIX, size: int = DEFAULT_MATRIX_SIZE, label: str = ""
+) -> Figure:
     """The top-left ``size``×``size`` block of a weight matrix as an image (two axes: image, colorbar)."""
     if size <= 0:
         raise UserError(f"--matrix-size must be positive, got {size}")
@@ -259,22 +260,47 @@ def load_model(model: str | None, preset: str | None, seed: int = 1337) -> tuple
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="DIR_OR_NAME",
-                        help="run directory, checkpoint file, Hugging Face GPT-2 directory or hub name")
-    source.add_argument("--model-preset", choices=list(PRESETS), metavar="NAME",
-                        help=f"a freshly initialised model of this shape: {', '.join(PRESETS)}")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="directory for the PNGs and weight_stats.csv/.md")
+    source.add_argument(
+        "--model",
+        metavar="DIR_OR_NAME",
+        help="run directory, checkpoint file, Hugging Face GPT-2 directory or hub name",
+    )
+    source.add_argument(
+        "--model-preset",
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"a freshly initialised model of this shape: {', '.join(PRESETS)}",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for the PNGs and weight_stats.csv/.md",
+    )
     parser.add_argument("--seed", type=int, default=1337, help="init seed for --model-preset (default 1337)")
-    parser.add_argument("--matrix", default=DEFAULT_MATRIX,
-                        help=f"2-D parameter shown as a heatmap (default {DEFAULT_MATRIX})")
-    parser.add_argument("--matrix-size", type=int, default=DEFAULT_MATRIX_SIZE,
-                        help=f"show its top-left N×N block (default {DEFAULT_MATRIX_SIZE})")
-    parser.add_argument("--wpe-columns", default=None,
-                        help="comma-separated position-embedding columns to draw (default 150,200,250 "
-                        "or three spread over a narrower model)")
-    parser.add_argument("--per-layer", action="store_true",
-                        help="statistics per tensor instead of per group of same-named tensors across layers")
+    parser.add_argument(
+        "--matrix",
+        default=DEFAULT_MATRIX,
+        help=f"2-D parameter shown as a heatmap (default {DEFAULT_MATRIX})",
+    )
+    parser.add_argument(
+        "--matrix-size",
+        type=int,
+        default=DEFAULT_MATRIX_SIZE,
+        help=f"show its top-left N×N block (default {DEFAULT_MATRIX_SIZE})",
+    )
+    parser.add_argument(
+        "--wpe-columns",
+        default=None,
+        help="comma-separated position-embedding columns to draw (default 150,200,250 "
+        "or three spread over a narrower model)",
+    )
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="statistics per tensor instead of per group of same-named tensors across layers",
+    )
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs (default 100)")
 
 
@@ -292,8 +318,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--dpi must be positive, got {args.dpi}")
     model, label = load_model(args.model, args.model_preset, args.seed)
     result = inspect_model(
-        model, args.out, label=label, matrix=args.matrix, matrix_size=args.matrix_size,
-        wpe_columns=_parse_columns(args.wpe_columns), per_layer=args.per_layer, dpi=args.dpi,
+        model,
+        args.out,
+        label=label,
+        matrix=args.matrix,
+        matrix_size=args.matrix_size,
+        wpe_columns=_parse_columns(args.wpe_columns),
+        per_layer=args.per_layer,
+        dpi=args.dpi,
     )
     print(stats_markdown(result.stats), end="")
     for path in (*result.images.values(), *result.tables):

@@ -329,17 +329,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, options=None, **option_fields) -> torch.Tensor:
-        """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new).
-
-        How tokens are picked is a ``sample.SamplingOptions`` or its fields as keywords (``temperature=0``
-        is greedy, ``top_k``, ``top_p``, ``generator``: sampling never touches the global RNG, ...).
-        """
+        """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens: (B, T + new). How tokens are
+        picked: a ``sample.SamplingOptions``, or its fields as keywords (``temperature=0``, ``top_k``, ...)."""
         from gpt2repro.sample import SamplingOptions, stream_tokens
 
         options = options or SamplingOptions(**option_fields)
         return torch.cat([idx, *stream_tokens(self, idx, max_new_tokens, options)], dim=1)
 
-    # ---------------------------------------------------------------- weights in and out
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike, **kwargs) -> GPT:
         """Load released GPT-2 weights (HF directory or hub name) or a checkpoint/run of this project."""
@@ -348,7 +344,7 @@ class GPT(nn.Module):
         return load_pretrained(name_or_dir, **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+        """A Hugging Face GPT-2 directory (weights, config, tokenizer) that ``transformers`` loads as is."""
         from gpt2repro.weights import save_pretrained
 
         save_pretrained(self, directory)

@@ -45,8 +45,12 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        print(f"gpt2repro train: {signal.Signals(signum).name} received: stopping after this step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"gpt2repro train: {signal.Signals(signum).name} received: stopping after this step "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def signal_name(signum: int) -> str:

@@ -208,8 +208,10 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = enc.encode(args.prompt, allowed_special={EOT}) or [EOT_TOKEN_ID]
     context = model.config.block_size
     if len(prompt_ids) > context:  # said here as a log line, so stream_tokens never needs to warn
-        log.warning(f"--prompt is {len(prompt_ids)} tokens, longer than the model's context ({context}): "
-                    f"the model sees only its last {context} tokens")
+        log.warning(
+            f"--prompt is {len(prompt_ids)} tokens, longer than the model's context ({context}): "
+            f"the model sees only its last {context} tokens"
+        )
         prompt_ids = prompt_ids[-context:]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     options = dataclasses.replace(options, generator=seeded_generator(args.seed, device))

@@ -27,11 +27,10 @@ from gpt2repro.parallel import resolve_mode
 from gpt2repro.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from gpt2repro.train_config import (
     TrainConfig,
-    add_field_arguments,
-    overrides_from_args,
     resolve,
     resume_conflicts,
 )
+from gpt2repro.train_options import add_field_arguments, overrides_from_args
 from gpt2repro.training_run import TrainingRun
 from gpt2repro.verify import verify_dataset
 

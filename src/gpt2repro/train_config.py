@@ -7,7 +7,6 @@ saved with the run as ``RUN_DIR/config.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -137,21 +136,7 @@ class TrainConfig:
         if self.model not in MODEL_PRESETS:
             raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
         _check_finite(self)
-        positive = ["seq_len", "micro_batch", "total_batch", "max_steps", "vocab_pad_multiple", "log_every",
-                    "sample_tokens"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("block_size", "n_layer", "n_head", "n_embd", "eval_batch", "lr_decay_steps",
-                     "hellaswag_limit", "hellaswag_every"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{_flag(name)} must be positive, got {value}")
-        nonneg = ["warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_tokens",
-                  "checkpoint_every", "keep_last", "sample_every", "num_samples", "seed", "time_limit"]
-        for name in nonneg:
-            if getattr(self, name) < 0:
-                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        _check_signs(self)
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -173,6 +158,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+POSITIVE = ("seq_len", "micro_batch", "total_batch", "max_steps", "vocab_pad_multiple", "log_every",
+            "sample_tokens")  # fmt: skip
+POSITIVE_OR_NONE = ("block_size", "n_layer", "n_head", "n_embd", "eval_batch", "lr_decay_steps",
+                    "hellaswag_limit", "hellaswag_every")  # fmt: skip
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_tokens", "checkpoint_every",
+                "keep_last", "sample_every", "num_samples", "seed", "time_limit")  # fmt: skip
+
+
+def _check_signs(cfg: TrainConfig) -> None:
+    for name in POSITIVE + POSITIVE_OR_NONE:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{_flag(name)} must be positive, got {value}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _check_finite(cfg: TrainConfig) -> None:
@@ -349,71 +352,20 @@ def field_help(name: str) -> str:
     return TrainConfig.__dataclass_fields__[name].metadata["help"]
 
 
-def _help_text(f: dataclasses.Field, preset_values: dict | None = None, preset: str | None = None) -> str:
-    text = f"{f.metadata['help']} (default {_show(f.default)}"
-    if preset_values is not None and f.name in preset_values:
-        text += f"; preset {preset}: {_show(preset_values[f.name])}"
-    return (text + ")").replace("%", "%%")  # argparse %-formats help strings
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value) if value == "" else str(value)
-
-
-class _HelpWithPreset(argparse.Action):
-    """``-h``: prints the help; with ``--preset NAME`` before it, each field shows the preset's value too."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-        self.field_actions: list[tuple[dataclasses.Field, argparse.Action]] = []  # set by add_field_arguments
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        preset = getattr(namespace, "preset", None)
-        if preset:
-            try:
-                preset_values = load_preset(preset)
-            except UserError as e:
-                parser.error(str(e))
-            for f, action in self.field_actions:
-                action.help = _help_text(f, preset_values, preset)
-        parser.print_help()
-        parser.exit()
-
-
-def add_field_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--field-name VALUE`` for every TrainConfig field (strings here; typed in ``resolve``), each with
-    its doc and default; ``--preset NAME --help`` adds the preset's values."""
-    replaces_help = parser.add_argument_group(conflict_handler="resolve")  # argparse's own -h goes
-    help_action = replaces_help.add_argument(
-        "-h",
-        "--help",
-        action=_HelpWithPreset,
-        help="show this help and exit (after --preset NAME: its values too)",
-    )
-    group = parser.add_argument_group("training fields (override the preset)")
-    for f in dataclasses.fields(TrainConfig):
-        action = group.add_argument(
-            f"--{_flag(f.name)}",
-            dest=f"field_{f.name}",
-            default=None,
-            metavar=FIELD_TYPES[f.name].__name__.upper(),
-            help=_help_text(f),
-        )
-        help_action.field_actions.append((f, action))
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
-    return {f.name: getattr(args, f"field_{f.name}") for f in dataclasses.fields(TrainConfig)
-            if getattr(args, f"field_{f.name}", None) is not None}
-
-
 # Fields that cannot change when a run is resumed: the parameters' shapes and the data stream's geometry.
-RESUME_FIXED = ("model", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_multiple", "seq_len",
-                "micro_batch", "total_batch", "seed", "shuffle")
+RESUME_FIXED = (
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "vocab_pad_multiple",
+    "seq_len",
+    "micro_batch",
+    "total_batch",
+    "seed",
+    "shuffle",
+)
 
 
 def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -79,8 +79,21 @@ def test_help_lists_the_sample_command_and_its_options(capsys):
         main(["sample", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for option in ("--model", "--prompt", "--num-samples", "--max-new-tokens", "--seed", "--temperature",
-                   "--top-k", "--top-p", "--greedy", "--stop-at-eot", "--device", "--dtype", "--no-cache"):
+    for option in (
+        "--model",
+        "--prompt",
+        "--num-samples",
+        "--max-new-tokens",
+        "--seed",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--greedy",
+        "--stop-at-eot",
+        "--device",
+        "--dtype",
+        "--no-cache",
+    ):
         assert option in out
 
 
@@ -88,13 +101,25 @@ def test_real_processes_console_script_and_module(tmp_path):
     """The installed ``gpt2repro`` script and ``python -m gpt2repro``: output, exit codes, no traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2REPRO_CACHE": str(tmp_path)}
     script = Path(sys.executable).with_name("gpt2repro")
-    ok = subprocess.run([str(script), "sample", *MICRO, "--num-samples", "2", "--prompt", "Hi"],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    ok = subprocess.run(
+        [str(script), "sample", *MICRO, "--num-samples", "2", "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("Hi") == 2 and "--- sample 2/2 ---" in ok.stdout
     assert "parameters" in ok.stderr and "sampling on cpu" in ok.stderr  # count, device and dtype logged
-    bad = subprocess.run([sys.executable, "-m", "gpt2repro", "sample", "--model", "gpt2-xl"],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpt2repro", "sample", "--model", "gpt2-xl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
     assert "huggingface-cli download openai-community/gpt2-xl" in bad.stderr

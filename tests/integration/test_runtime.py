@@ -28,8 +28,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def page_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_TRAINING_LIKE_LOOP, mode], capture_output=True,
-                         text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_OF_A_TRAINING_LIKE_LOOP, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return int(out.stdout.strip())
 
 

@@ -41,14 +41,27 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "embedded"
-    prepare_corpus(embedded_documents(), path, source_name="embedded", max_tokens=40_000, val_tokens=4_096,
-                   workers=1)
+    prepare_corpus(
+        embedded_documents(), path, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
+    )
     return path
 
 
 def micro_config(**overrides) -> TrainConfig:
-    base = dict(model="gpt2-micro", data="unused", out="unused", seq_len=T, micro_batch=4, total_batch=4 * T,
-                max_steps=100, lr=1e-3, warmup_steps=2, dtype="fp32", compile="false", device="cpu")
+    base = dict(
+        model="gpt2-micro",
+        data="unused",
+        out="unused",
+        seq_len=T,
+        micro_batch=4,
+        total_batch=4 * T,
+        max_steps=100,
+        lr=1e-3,
+        warmup_steps=2,
+        dtype="fp32",
+        compile="false",
+        device="cpu",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -116,8 +129,15 @@ def _assert_same_training(run_a: Path, run_b: Path) -> None:
 
 
 def _one_process_run(data_dir: Path, out: Path) -> Path:
-    proc = _run_cli([sys.executable, "-m", "gpt2repro", "train",
-                     *as_flags(run_overrides(data_dir, out, micro_batch=4, eval_batch=4, **DDP_STEPS))])
+    proc = _run_cli(
+        [
+            sys.executable,
+            "-m",
+            "gpt2repro",
+            "train",
+            *as_flags(run_overrides(data_dir, out, micro_batch=4, eval_batch=4, **DDP_STEPS)),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -127,9 +147,19 @@ def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), micro-batch 2 and 2 micro-steps each, against one process with
     micro-batch 4: the ranks' batches stacked are the single process's batch, so 5 steps end equal."""
     ddp_run = tmp_path / "ddp"
-    proc = _run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                     "-m", "gpt2repro", "train",
-                     *as_flags(run_overrides(data_dir, ddp_run, micro_batch=2, eval_batch=2, **DDP_STEPS))])
+    proc = _run_cli(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "gpt2repro",
+            "train",
+            *as_flags(run_overrides(data_dir, ddp_run, micro_batch=2, eval_batch=2, **DDP_STEPS)),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
     _assert_same_training(ddp_run, _one_process_run(data_dir, tmp_path / "single"))
@@ -145,11 +175,29 @@ def test_two_nodes_through_torchrun_rendezvous_equal_one_process(data_dir, tmp_p
     run = tmp_path / "two_nodes"
     flags = as_flags(run_overrides(data_dir, run, micro_batch=2, eval_batch=2, **DDP_STEPS))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=gpt2repro-test",
-         "-m", "gpt2repro", "train", *flags],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=gpt2repro-test",
+                "-m",
+                "gpt2repro",
+                "train",
+                *flags,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-3000:]
@@ -162,9 +210,22 @@ def test_run_directory_layout(data_dir, tmp_path, one_thread, shared_data):
     full = shared_data / "hellaswag" / "derived-not-original" / "hellaswag_val_full.txt.bz2"
     hellaswag = tmp_path / "hellaswag_first8.txt"  # 8 items x 6 lines: parsing all 10,042 takes long
     hellaswag.write_text("".join(bz2.open(full, "rt").readlines()[:48]))
-    result = train(None, run_overrides(data_dir, run, max_steps=4, eval_every=2, checkpoint_every=2,
-                                       sample_every=4, num_samples=2, sample_tokens=8, keep_last=1,
-                                       hellaswag=str(hellaswag), hellaswag_every=4))
+    result = train(
+        None,
+        run_overrides(
+            data_dir,
+            run,
+            max_steps=4,
+            eval_every=2,
+            checkpoint_every=2,
+            sample_every=4,
+            num_samples=2,
+            sample_tokens=8,
+            keep_last=1,
+            hellaswag=str(hellaswag),
+            hellaswag_every=4,
+        ),
+    )
     assert result["step"] == 4 and math.isfinite(result["val_loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == str(data_dir) and config["model"] == "gpt2-micro"
@@ -200,8 +261,11 @@ def test_time_limit_finishes_early_and_resume_completes(data_dir, tmp_path, one_
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, capsys, one_thread):
     run = tmp_path / "run"
-    flags = as_flags(run_overrides(data_dir, run, max_steps=30, lr=1e30, warmup_steps=0, grad_clip=0,
-                                   checkpoint_every=1, keep_last=1))
+    flags = as_flags(
+        run_overrides(
+            data_dir, run, max_steps=30, lr=1e30, warmup_steps=0, grad_clip=0, checkpoint_every=1, keep_last=1
+        )
+    )
     assert main(["train", *flags]) == 2
     err = capsys.readouterr().err
     assert "error: loss is" in err and "last good checkpoint" in err and "Traceback" not in err
@@ -253,8 +317,9 @@ def test_compiled_training_equals_eager_and_still_evaluates_and_samples(data_dir
     """--compile true (inductor, on CPU here): the same parameters as eager after 3 steps, and the run's
     evaluation, samples and checkpoint work on the compiled model (build-nanogpt has to turn compile off
     for those: its issue #79)."""
-    common = dict(max_steps=3, eval_every=3, checkpoint_every=3, sample_every=3, num_samples=1,
-                  sample_tokens=8)
+    common = dict(
+        max_steps=3, eval_every=3, checkpoint_every=3, sample_every=3, num_samples=1, sample_tokens=8
+    )
     compiled_run, eager_run = tmp_path / "compiled", tmp_path / "eager"
     compiled = train(None, run_overrides(data_dir, compiled_run, compile="true", **common))
     eager = train(None, run_overrides(data_dir, eager_run, compile="false", **common))

@@ -42,10 +42,29 @@ sys.exit(main(sys.argv[1:]))
 
 
 def train_cmd(data: Path, out: Path) -> list[str]:
-    fields = dict(model="gpt2-micro", data=data, out=out, device="cpu", dtype="fp32", compile="false",
-                  seq_len=32, micro_batch=4, total_batch=256, max_steps=STEPS, lr=3e-3, warmup_steps=3,
-                  dropout=0.1, eval_every=5, eval_tokens=512, checkpoint_every=3, keep_last=2,
-                  sample_every=10, num_samples=1, sample_tokens=4, log_every=1)
+    fields = dict(
+        model="gpt2-micro",
+        data=data,
+        out=out,
+        device="cpu",
+        dtype="fp32",
+        compile="false",
+        seq_len=32,
+        micro_batch=4,
+        total_batch=256,
+        max_steps=STEPS,
+        lr=3e-3,
+        warmup_steps=3,
+        dropout=0.1,
+        eval_every=5,
+        eval_tokens=512,
+        checkpoint_every=3,
+        keep_last=2,
+        sample_every=10,
+        num_samples=1,
+        sample_tokens=4,
+        log_every=1,
+    )
     return ["train", *[a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
 
 
@@ -53,8 +72,11 @@ def logged_steps(run: Path) -> list[int]:
     path = run / "log.jsonl"
     if not path.exists():
         return []
-    return [r["step"] for line in path.read_text().splitlines()
-            if line.endswith("}") and "train_loss" in (r := json.loads(line))]
+    return [
+        r["step"]
+        for line in path.read_text().splitlines()
+        if line.endswith("}") and "train_loss" in (r := json.loads(line))
+    ]
 
 
 def last_per_step(run: Path) -> dict[int, float]:
@@ -78,14 +100,16 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 180)
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     data = tmp_path / "data"
-    prepare_corpus(embedded_documents(), data, source_name="embedded", max_tokens=30_000, val_tokens=2_048,
-                   workers=1)
+    prepare_corpus(
+        embedded_documents(), data, source_name="embedded", max_tokens=30_000, val_tokens=2_048, workers=1
+    )
     cli = [sys.executable, "-m", "gpt2repro"]
 
     # A: the uninterrupted run
     straight = tmp_path / "straight"
-    done = subprocess.run([*cli, *train_cmd(data, straight)], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [*cli, *train_cmd(data, straight)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # B: SIGKILL in the middle of training (checkpoints every 3 steps; killed at step 5 or 6)
@@ -102,11 +126,19 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     assert killed_at < STEPS
 
     # C: resume, and SIGKILL it in the middle of writing the step-9 checkpoint
-    proc = subprocess.Popen([sys.executable, "-c", HANGING_WRITER, "train", "--out", str(run), "--resume"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=log_file, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_WRITER, "train", "--out", str(run), "--resume"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+    )
     try:
-        wait_for(lambda: list((run / "checkpoints").glob(f".{checkpoint_path(run, HANG_AT).name}.*.tmp")),
-                 proc, "the step-9 checkpoint write")
+        wait_for(
+            lambda: list((run / "checkpoints").glob(f".{checkpoint_path(run, HANG_AT).name}.*.tmp")),
+            proc,
+            "the step-9 checkpoint write",
+        )
         assert proc.stdout.readline().strip() == "WRITE-STARTED"
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -118,8 +150,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     assert GPT.from_pretrained(run).config.n_layer == 2
 
     # D: resume again, to the end
-    resumed = subprocess.run([*cli, "train", "--out", str(run), "--resume"], env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cli, "train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step 6" in resumed.stderr
     assert not list((run / "checkpoints").glob(".*.tmp"))  # the partial write was cleaned up
@@ -145,20 +178,26 @@ def test_checkpoint_written_by_the_code_before_the_restructure_resumes_bit_ident
     repo = Path(__file__).resolve().parents[2]
     old_src = tmp_path / "old"
     old_src.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", CHECKPOINT_FORMAT_COMMIT, "src"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", CHECKPOINT_FORMAT_COMMIT, "src"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
     data, run = tmp_path / "data", tmp_path / "run"
-    prepare_corpus(embedded_documents(), data, source_name="embedded", max_tokens=20_000, val_tokens=2_048,
-                   workers=1)
+    prepare_corpus(
+        embedded_documents(), data, source_name="embedded", max_tokens=20_000, val_tokens=2_048, workers=1
+    )
     cmd = train_cmd(data, run)
     cmd[cmd.index("--max-steps") + 1] = "6"
     old_env = {**ENV, "PYTHONPATH": str(old_src / "src")}
     subprocess.run([sys.executable, "-m", "gpt2repro", *cmd], env=old_env, check=True, capture_output=True)
     reference = load_checkpoint(checkpoint_path(run, 6))["model"]
     checkpoint_path(run, 6).unlink()  # the old code's step-3 checkpoint is now the newest
-    resumed = subprocess.run([sys.executable, "-m", "gpt2repro", "train", "--out", str(run), "--resume"],
-                             env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "gpt2repro", "train", "--out", str(run), "--resume"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {checkpoint_path(run, 3)} at step 3" in resumed.stderr
     final = load_checkpoint(checkpoint_path(run, 6))["model"]

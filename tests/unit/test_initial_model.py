@@ -51,8 +51,14 @@ def one_batch_data(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("data") / "embedded"
     train_tokens, val_tokens = MICRO_BATCH * SEQ_LEN + 1, 2 * MICRO_BATCH * SEQ_LEN + 1
-    prepare_corpus(embedded_documents(), path, source_name="embedded", val_tokens=val_tokens,
-                   max_tokens=val_tokens + train_tokens, workers=1)
+    prepare_corpus(
+        embedded_documents(),
+        path,
+        source_name="embedded",
+        val_tokens=val_tokens,
+        max_tokens=val_tokens + train_tokens,
+        workers=1,
+    )
     return path
 
 
@@ -133,11 +139,37 @@ def _log(run_dir) -> list[dict]:
 
 def test_fine_tune_through_the_cli_then_load_and_export_the_run(hf_dir, one_batch_data, tmp_path):
     run_dir = tmp_path / "ft"
-    args = ["train", "--preset", "finetune", "--init-from", str(hf_dir), "--data", str(one_batch_data),
-            "--out", str(run_dir), "--seq-len", str(SEQ_LEN), "--micro-batch", "2",
-            "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--max-steps", "5", "--lr", "3e-3",
-            "--dtype", "fp32", "--eval-every", "0", "--checkpoint-every", "0", "--num-samples", "0",
-            "--activation-checkpointing", "true"]
+    args = [
+        "train",
+        "--preset",
+        "finetune",
+        "--init-from",
+        str(hf_dir),
+        "--data",
+        str(one_batch_data),
+        "--out",
+        str(run_dir),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        "2",
+        "--total-batch",
+        str(MICRO_BATCH * SEQ_LEN),
+        "--max-steps",
+        "5",
+        "--lr",
+        "3e-3",
+        "--dtype",
+        "fp32",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--num-samples",
+        "0",
+        "--activation-checkpointing",
+        "true",
+    ]
     assert main(args) == 0
 
     # Step 1's loss is the directory's weights on the (only) training batch: the run started from them.
@@ -164,13 +196,58 @@ def test_fine_tune_through_the_cli_then_load_and_export_the_run(hf_dir, one_batc
 
 def test_a_run_directory_can_seed_a_new_run_at_step_0(hf_dir, one_batch_data, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--data", str(one_batch_data), "--seq-len", str(SEQ_LEN), "--micro-batch", str(MICRO_BATCH),
-              "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--dtype", "fp32", "--eval-every", "0",
-              "--num-samples", "0", "--lr", "3e-3"]
-    assert main(["train", "--preset", "finetune", "--init-from", str(hf_dir), "--out", str(first),
-                 "--max-steps", "2", *common]) == 0
-    assert main(["train", "--preset", "finetune", "--init-from", str(first), "--out", str(second),
-                 "--max-steps", "1", *common]) == 0
+    common = [
+        "--data",
+        str(one_batch_data),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        str(MICRO_BATCH),
+        "--total-batch",
+        str(MICRO_BATCH * SEQ_LEN),
+        "--dtype",
+        "fp32",
+        "--eval-every",
+        "0",
+        "--num-samples",
+        "0",
+        "--lr",
+        "3e-3",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "finetune",
+                "--init-from",
+                str(hf_dir),
+                "--out",
+                str(first),
+                "--max-steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "finetune",
+                "--init-from",
+                str(first),
+                "--out",
+                str(second),
+                "--max-steps",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     [record] = [r for r in _log(second) if "train_loss" in r]
     assert record["step"] == 1  # a fresh run, not a resume
     first_model = GPT.from_pretrained(first).eval()
@@ -182,9 +259,25 @@ def test_a_run_directory_can_seed_a_new_run_at_step_0(hf_dir, one_batch_data, tm
 
 
 def test_cli_reports_a_conflict_and_fp16_on_cpu_in_one_line(hf_dir, one_batch_data, tmp_path, capsys):
-    base = ["train", "--preset", "finetune", "--init-from", str(hf_dir), "--data", str(one_batch_data),
-            "--out", str(tmp_path / "run"), "--seq-len", str(SEQ_LEN), "--micro-batch", str(MICRO_BATCH),
-            "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--device", "cpu"]
+    base = [
+        "train",
+        "--preset",
+        "finetune",
+        "--init-from",
+        str(hf_dir),
+        "--data",
+        str(one_batch_data),
+        "--out",
+        str(tmp_path / "run"),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        str(MICRO_BATCH),
+        "--total-batch",
+        str(MICRO_BATCH * SEQ_LEN),
+        "--device",
+        "cpu",
+    ]
     assert main([*base, "--n-embd", "48"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--n-embd 48 (checkpoint: 32)" in err
@@ -203,9 +296,26 @@ def test_resuming_a_fine_tune_does_not_need_the_init_source_any_more(hf_dir, one
     source = tmp_path / "downloaded"
     shutil.copytree(hf_dir, source)
     run = tmp_path / "run"
-    common = ["--data", str(one_batch_data), "--seq-len", str(SEQ_LEN), "--micro-batch", str(MICRO_BATCH),
-              "--total-batch", str(MICRO_BATCH * SEQ_LEN), "--dtype", "fp32", "--eval-every", "0",
-              "--num-samples", "0", "--checkpoint-every", "1", "--out", str(run)]
+    common = [
+        "--data",
+        str(one_batch_data),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        str(MICRO_BATCH),
+        "--total-batch",
+        str(MICRO_BATCH * SEQ_LEN),
+        "--dtype",
+        "fp32",
+        "--eval-every",
+        "0",
+        "--num-samples",
+        "0",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(run),
+    ]
     first = ["train", "--preset", "finetune", "--init-from", str(source), "--max-steps", "1"]
     assert main([*first, *common]) == 0
     shutil.rmtree(source)

@@ -25,8 +25,13 @@ from gpt2repro.inspect_weights import (
 )
 from gpt2repro.model import GPT
 
-FILES = ("position_embedding.png", "token_embedding_norms.png", "weight_heatmap.png",
-         "weight_stats.csv", "weight_stats.md")
+FILES = (
+    "position_embedding.png",
+    "token_embedding_norms.png",
+    "weight_heatmap.png",
+    "weight_stats.csv",
+    "weight_stats.md",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,10 @@ def test_fresh_model_pictures_and_axes(micro, tmp_path):
         assert png_size(path) == tuple(int(v * 100) for v in result.figures[name].get_size_inches())
     # n_embd=64 is narrower than the classic columns 150/200/250: three columns spread over the width
     assert [line.get_label() for line in result.figures["position_embedding"].axes[0].get_lines()] == [
-        "column 16", "column 32", "column 48"]
+        "column 16",
+        "column 32",
+        "column 48",
+    ]
 
 
 def test_heatmap_shows_openai_layout_of_the_chosen_block(micro):
@@ -69,8 +77,9 @@ def test_heatmap_shows_openai_layout_of_the_chosen_block(micro):
 
 
 def test_group_stats_match_numpy(micro):
-    params = {name.removeprefix("transformer."): p.detach().double().numpy()
-              for name, p in micro.named_parameters()}
+    params = {
+        name.removeprefix("transformer."): p.detach().double().numpy() for name, p in micro.named_parameters()
+    }
     params["wte.weight"] = params["wte.weight"][: micro.config.vocab_size]  # padded rows are left out
     rows = {r.group: r for r in weight_stats(micro)}
     assert set(rows) == {group_name(n) for n in params}

@@ -39,7 +39,7 @@ def test_matches_f_cross_entropy(dtype, tol, padded, monkeypatch):
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     assert got_grad.dtype == dtype and got_grad.shape == logits.shape
     # bf16 gradients are rounded once either way; allow one bf16 ulp of the largest entry
-    grad_tol = 1e-7 if dtype == torch.float32 else 2 ** -8 * want_grad.abs().max().item()
+    grad_tol = 1e-7 if dtype == torch.float32 else 2**-8 * want_grad.abs().max().item()
     assert (got_grad.float() - want_grad.float()).abs().max().item() <= grad_tol
     if padded:
         assert got_grad[..., vocab:].abs().max().item() == 0.0

@@ -116,8 +116,12 @@ def test_kv_cache_forward_equals_full_forward(small_pair):
 
 def test_presets_have_the_published_shapes():
     assert GPT(GPTConfig.preset("gpt2-micro")).num_params() == 3_324_736
-    expected = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-                "gpt2-xl": (48, 25, 1600)}
+    expected = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
     for name, (n_layer, n_head, n_embd) in expected.items():
         c = GPTConfig.preset(name)
         shape = (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size)

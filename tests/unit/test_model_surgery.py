@@ -73,8 +73,13 @@ def _dropout_sites(model: GPT) -> dict[str, list]:
 
 @pytest.mark.parametrize(
     "backend, site",
-    [("sdpa", "embeddings"), ("sdpa", "attention weights"), ("explicit", "attention weights"),
-     ("sdpa", "attention residual"), ("sdpa", "mlp residual")],
+    [
+        ("sdpa", "embeddings"),
+        ("sdpa", "attention weights"),
+        ("explicit", "attention weights"),
+        ("sdpa", "attention residual"),
+        ("sdpa", "mlp residual"),
+    ],
 )
 def test_each_dropout_site_is_active_in_train_mode_and_off_in_eval(backend, site):
     model = tiny_model(attn_backend=backend)

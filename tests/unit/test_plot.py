@@ -133,8 +133,19 @@ def write_log(run: Path, lines: list[str]) -> None:
 
 
 def train_record(step: int, loss: float) -> str:
-    return json.dumps(dict(step=step, tokens=step * 512, elapsed=step * 0.1, train_loss=loss, lr=1e-3,
-                           grad_norm=1.0, dt=0.1, tokens_per_s=5120.0, mfu=0.01))
+    return json.dumps(
+        dict(
+            step=step,
+            tokens=step * 512,
+            elapsed=step * 0.1,
+            train_loss=loss,
+            lr=1e-3,
+            grad_norm=1.0,
+            dt=0.1,
+            tokens_per_s=5120.0,
+            mfu=0.01,
+        )
+    )
 
 
 def test_log_still_being_written_skips_partial_last_line(tmp_path):
@@ -147,9 +158,16 @@ def test_resumed_log_keeps_last_record_per_step_and_kind(tmp_path):
     """Crash after step 3 (mid-write), resume from the step-2 checkpoint: steps 3-4 are logged again."""
     eval2 = json.dumps(dict(step=2, tokens=1024, elapsed=0.2, val_loss=8.5))
     eval2_again = json.dumps(dict(step=2, tokens=1024, elapsed=0.2, val_loss=8.4))
-    lines = [train_record(1, 9.0), train_record(2, 8.0), eval2, train_record(3, 7.5),
-             train_record(4, 7.4)[:30] + train_record(3, 7.0),  # resumed process appends after a torn line
-             train_record(4, 6.0), eval2_again, train_record(5, 5.0)]
+    lines = [
+        train_record(1, 9.0),
+        train_record(2, 8.0),
+        eval2,
+        train_record(3, 7.5),
+        train_record(4, 7.4)[:30] + train_record(3, 7.0),  # resumed process appends after a torn line
+        train_record(4, 6.0),
+        eval2_again,
+        train_record(5, 5.0),
+    ]
     write_log(tmp_path, lines)
     run = load_run(tmp_path)
     assert run.skipped_lines == 1  # the torn step-4 fragment; the step-3 record after it is recovered

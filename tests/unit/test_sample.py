@@ -46,12 +46,17 @@ def test_greedy_100_tokens_cache_equals_no_cache_equals_hf_generate(pair):
     cached = ours.generate(idx, 100, temperature=0)
     uncached = ours.generate(idx, 100, temperature=0, use_cache=False)
     with torch.no_grad():
-        reference = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=100, do_sample=False,
-                                pad_token_id=EOT_TOKEN_ID)
+        reference = hf.generate(
+            idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=100,
+            do_sample=False,
+            pad_token_id=EOT_TOKEN_ID,
+        )
     assert cached.shape == (1, idx.size(1) + 100)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, reference)
-    assert len(set(cached[0, idx.size(1):].tolist())) > 20  # not a degenerate repetition
+    assert len(set(cached[0, idx.size(1) :].tolist())) > 20  # not a degenerate repetition
 
 
 def test_batched_and_sliding_window_generation_cache_equals_no_cache(micro):
@@ -81,7 +86,7 @@ def test_stop_token_ends_generation(micro):
         micro.transformer.ln_f.bias.copy_(micro.transformer.wte.weight[EOT_TOKEN_ID] * 100)
     idx = prompt_ids(batch=2)
     assert micro.generate(idx, 10, temperature=0, stop_token=EOT_TOKEN_ID).shape == (2, idx.size(1) + 1)
-    assert (micro.generate(idx, 10, temperature=0)[:, idx.size(1):] == EOT_TOKEN_ID).all()
+    assert (micro.generate(idx, 10, temperature=0)[:, idx.size(1) :] == EOT_TOKEN_ID).all()
 
 
 # ---------------------------------------------------------------------------- top-k, top-p, temperature
@@ -125,8 +130,9 @@ def test_generation_never_emits_a_filtered_token(micro):
     micro.lm_head.register_forward_hook(lambda m, i, out: seen.append(out[:, -1, :50257].detach().clone()))
     idx = prompt_ids(batch=2)
     temperature, top_k, top_p = 0.7, 40, 0.6
-    out = micro.generate(idx, 20, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=torch.Generator().manual_seed(4))
+    out = micro.generate(
+        idx, 20, temperature=temperature, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(4)
+    )
     assert len(seen) == 20
     sizes = []
     for step, logits in enumerate(seen):
@@ -214,8 +220,18 @@ def run_cli(capsys, *args: str) -> str:
 
 
 def test_cli_streams_exactly_the_decoded_tokens(capsys):
-    out = run_cli(capsys, "--model-preset", "gpt2-micro", "--greedy", "--max-new-tokens", "25",
-                  "--dtype", "fp32", "--prompt", "Naïve café 😀")
+    out = run_cli(
+        capsys,
+        "--model-preset",
+        "gpt2-micro",
+        "--greedy",
+        "--max-new-tokens",
+        "25",
+        "--dtype",
+        "fp32",
+        "--prompt",
+        "Naïve café 😀",
+    )
     torch.manual_seed(42)  # the CLI seeds the random init with --seed
     model = GPT(GPTConfig.preset("gpt2-micro")).eval()
     idx = torch.tensor([get_tokenizer().encode("Naïve café 😀")])
@@ -227,7 +243,10 @@ def test_cli_samples_are_reproducible_and_one_block_each(capsys):
     first = run_cli(capsys, *args)
     assert first == run_cli(capsys, *args)
     assert [line for line in first.splitlines() if line.startswith("--- sample")] == [
-        "--- sample 1/3 ---", "--- sample 2/3 ---", "--- sample 3/3 ---"]
+        "--- sample 1/3 ---",
+        "--- sample 2/3 ---",
+        "--- sample 3/3 ---",
+    ]
     assert first.count(PROMPT) == 3
     assert run_cli(capsys, *args[:-1], "8") != first
 
@@ -237,8 +256,10 @@ def test_cli_model_from_hf_dir_and_run_dir_agree(pair, tmp_path, capsys):
     from gpt2repro.checkpoint import atomic_save, checkpoint_path
 
     ours.save_pretrained(tmp_path / "hf")
-    atomic_save({"model": ours.state_dict(), "model_config": ours.config.to_dict(), "step": 1},
-                checkpoint_path(tmp_path / "run", 1))
+    atomic_save(
+        {"model": ours.state_dict(), "model_config": ours.config.to_dict(), "step": 1},
+        checkpoint_path(tmp_path / "run", 1),
+    )
     common = ["--max-new-tokens", "10", "--dtype", "fp32", "--top-p", "0.9", "--stop-at-eot", "--no-cache"]
     from_hf = run_cli(capsys, "--model", str(tmp_path / "hf"), *common)
     assert from_hf.startswith(PROMPT) and len(from_hf) > len(PROMPT) + 5

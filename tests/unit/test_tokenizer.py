@@ -66,10 +66,36 @@ def test_every_line_of_real_text_matches_hf(shared_data, hf_tokenizer, corpus):
 unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)
 # Text built from the pieces the pre-tokenizer regex cares about: contractions, spaces, digits, letters.
 tricky_text = st.lists(
-    st.sampled_from([
-        "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", " ", "  ", "\n", "\t", "\u00a0", "\u3000",
-        "a", "Z", "é", "日本", "42", "٣", "😀", "!", "?!", "\r\n", "<|endoftext|>", "x",
-    ]),
+    st.sampled_from(
+        [
+            "'s",
+            "'t",
+            "'re",
+            "'ve",
+            "'m",
+            "'ll",
+            "'d",
+            "'S",
+            " ",
+            "  ",
+            "\n",
+            "\t",
+            "\u00a0",
+            "\u3000",
+            "a",
+            "Z",
+            "é",
+            "日本",
+            "42",
+            "٣",
+            "😀",
+            "!",
+            "?!",
+            "\r\n",
+            "<|endoftext|>",
+            "x",
+        ]
+    ),
     max_size=40,
 ).map("".join)
 

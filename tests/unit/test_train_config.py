@@ -9,7 +9,8 @@ import pytest
 
 from gpt2repro.errors import UserError
 from gpt2repro.train import add_arguments
-from gpt2repro.train_config import TrainConfig, list_presets, load_preset, overrides_from_args, resolve
+from gpt2repro.train_config import TrainConfig, list_presets, load_preset, resolve
+from gpt2repro.train_options import overrides_from_args
 
 REQUIRED = {"data": "d", "out": "o"}
 
@@ -29,17 +30,46 @@ def test_gpt2_124m_is_build_nanogpt_recipe():
     cfg = resolve("gpt2-124m", REQUIRED)
     assert (cfg.model, cfg.vocab_pad_multiple, cfg.seq_len, cfg.total_batch) == ("gpt2", 64, 1024, 524288)
     assert (cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.lr_floor_step, cfg.max_steps) == (
-        6e-4, 0.1, 715, 19073, 19073)
+        6e-4,
+        0.1,
+        715,
+        19073,
+        19073,
+    )
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip, cfg.seed) == (
-        0.9, 0.95, 1e-8, 0.1, 1.0, 1337)
+        0.9,
+        0.95,
+        1e-8,
+        0.1,
+        1.0,
+        1337,
+    )
     assert cfg.grad_accum_steps(1) == 8 and cfg.grad_accum_steps(8) == 1
 
 
 def test_command_line_overrides_win_and_are_typed():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--preset", "tiny", "--data", "d", "--out", "o", "--lr", "3e-4", "--max-steps",
-                              "1e3", "--compile", "false", "--shuffle", "no", "--block-size", "none"])
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--lr",
+            "3e-4",
+            "--max-steps",
+            "1e3",
+            "--compile",
+            "false",
+            "--shuffle",
+            "no",
+            "--block-size",
+            "none",
+        ]
+    )
     cfg = resolve(args.preset, overrides_from_args(args))
     assert cfg.lr == 3e-4 and cfg.max_steps == 1000 and cfg.compile == "false" and cfg.shuffle is False
     assert cfg.block_size is None

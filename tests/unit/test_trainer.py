@@ -32,8 +32,18 @@ def _trainer(hf_dir, dtype: str, scaler_init: float | None, grad_clip: float = 0
     """The trainer's step on CPU; fp16 + GradScaler is forced in (the CLI refuses fp16 on CPU) to run it."""
     from gpt2repro.trainer import Trainer
 
-    cfg = TrainConfig(init_from=str(hf_dir), seq_len=8, micro_batch=2, total_batch=32, lr=1e-3,
-                      warmup_steps=0, grad_clip=grad_clip, dtype="fp32", compile="false", device="cpu")
+    cfg = TrainConfig(
+        init_from=str(hf_dir),
+        seq_len=8,
+        micro_batch=2,
+        total_batch=32,
+        lr=1e-3,
+        warmup_steps=0,
+        grad_clip=grad_clip,
+        dtype="fp32",
+        compile="false",
+        device="cpu",
+    )
     trainer = Trainer(cfg, torch.device("cpu"))
     trainer.dtype = dtype
     if scaler_init is not None:
@@ -64,6 +74,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(hf_dir):
 
     def next_batch():
         return batch
+
     stats = trainer.train_step(next_batch)
     assert not math.isfinite(stats["grad_norm"])
     assert trainer.scaler.get_scale() == 2.0**18
