@@ -92,11 +92,22 @@ def verify_checksum(path: str | os.PathLike) -> bool:
 
 
 def write_failed(e: Exception, path: Path, kept: Path | None) -> UserError:
-    """One line for a checkpoint that could not be written; the previous one is untouched."""
+    """One line for a checkpoint that could not be written; the previous one is untouched. torch's zip
+    writer reports a full disk as a RuntimeError ("unexpected pos"), so the cause is looked up."""
+    import errno
+    import shutil
+
     from gpt2repro.files import user_error_for
 
-    reason = user_error_for(e, "write checkpoint", path) if isinstance(e, OSError) else None
-    what = str(reason) if reason else f"cannot write checkpoint {path} ({str(e).splitlines()[0][:120]})"
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None and shutil.disk_usage(path.parent).free < 2**20:
+        cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if cause is not None:
+        what = str(user_error_for(cause, "write checkpoint", path))
+    else:
+        what = f"cannot write checkpoint {path} ({str(e).splitlines()[0][:120]})"
     kept_msg = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
     return UserError(f"{what}; {kept_msg}: free space or fix the directory, then continue with --resume")
 

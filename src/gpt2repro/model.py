@@ -330,7 +330,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, options=None, **option_fields) -> torch.Tensor:
         """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens: (B, T + new). How tokens are
-        picked: a ``sample.SamplingOptions``, or its fields as keywords (``temperature=0``, ``top_k``, ...)."""
+        picked: a ``sample.SamplingOptions``, or its fields as keywords (``temperature=0``, ``top_k``)."""
         from gpt2repro.sample import SamplingOptions, stream_tokens
 
         options = options or SamplingOptions(**option_fields)
