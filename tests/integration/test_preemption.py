@@ -137,7 +137,7 @@ def test_elastic_restart_after_a_worker_is_killed(data, uninterrupted_without_dr
     """torchrun --max-restarts: a SIGKILLed worker takes the group down, torchrun starts it again, and
     --resume auto continues from the newest complete checkpoint to the end. Two restarts are allowed:
     once in a CI run here, the restarted gloo group failed to connect its two ranks on localhost
-    ("connectFullMesh ... Connection refused") before any of our code ran; a second restart then
+    ("connectFullMesh ... Connection refused" in init_process_group, before any step); a second restart then
     resumes the same way."""
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
     every_2 = {**RUN_2, "checkpoint_every": 2}
