@@ -87,3 +87,15 @@ def test_cpu_peak_is_cached_on_disk(fresh_cache, monkeypatch):
     fresh_cache.clear_memory()
     assert perf.cpu_peak("fp32") == first and len(calls) == measured
     assert f"peak/fp32/threads{torch.get_num_threads()}" in fresh_cache.path.read_text()
+
+
+def test_flops_per_token_is_the_hand_count_for_gpt2():
+    """6 FLOPs per weight per token (forward 2 + backward 4) over every matmul weight: per block
+    c_attn 3C^2 + attn c_proj C^2 + mlp 4C^2 + 4C^2 = 12C^2, and the LM head over the padded vocabulary;
+    plus attention scores and weighted sum, 12 * n_layer * C * T (nanoGPT's and llm.c's count)."""
+    from gpt2repro.config import GPTConfig
+
+    config = GPTConfig.preset("gpt2", vocab_pad_multiple=64)
+    weights = 12 * (12 * 768 * 768) + 50304 * 768
+    assert weights == 123_568_128
+    assert perf.flops_per_token(config, 1024) == 6 * weights + 12 * 12 * 768 * 1024 == 854_654_976
