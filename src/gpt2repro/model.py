@@ -64,23 +64,22 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``mask`` (B, T, T), True where a query may attend a key, replaces the causal mask."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> three (B, n_head, T, head_dim) views; few ops, since decoding is op-bound too
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         past = 0
         if cache is not None:
             past = cache.length
-            cache.keys[self.layer_idx, :, :, past : past + T] = k
-            cache.values[self.layer_idx, :, :, past : past + T] = v
-            k = cache.keys[self.layer_idx, :, :, : past + T]
-            v = cache.values[self.layer_idx, :, :, : past + T]
+            keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+            keys[:, :, past : past + T] = k
+            values[:, :, past : past + T] = v
+            k, v = keys[:, :, : past + T], values[:, :, : past + T]
         dropout_p = self.dropout if self.training else 0.0
         mask = mask.unsqueeze(1) if mask is not None else None  # the same mask for every head
         if self.backend == "sdpa":
             y = self._sdpa(q, k, v, past, dropout_p, mask)
         else:
             y = self._explicit(q, k, v, past, dropout_p, mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     @staticmethod
