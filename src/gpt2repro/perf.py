@@ -75,12 +75,13 @@ class CpuPeak:
     threads: int
     sizes_tried: list[int]
     load_average: float  # 1-minute load average while measuring
+    layout: str = "a@b"  # the faster of LAYOUTS on this CPU
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
         return (
-            f"measured: best of {self.repeats} warmed {self.size}^3 {self.dtype} matmuls on {self.threads} "
-            f"CPU threads (sizes {tried} tried), load average {self.load_average:.1f}"
+            f"measured: best of {self.repeats} warmed {self.size}^3 {self.dtype} matmuls ({self.layout}) on "
+            f"{self.threads} CPU threads (sizes {tried} tried), load average {self.load_average:.1f}"
         )
 
 
@@ -101,17 +102,44 @@ class MatmulTiming:
     samples: int
 
 
-def best_matmul_flops(n: int, dtype: torch.dtype, deadline: float = math.inf) -> MatmulTiming:
-    """The best of at least 5 samples of a warmed n x n x n matmul; more while samples keep improving
-    (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
+# The two operand layouts a model multiplies in: a @ b (attention, bmm) and a @ b.T (nn.Linear's weight).
+# One library may run them through different kernels: torch 2.13's bf16 a @ b took a 1.3 GFLOP/s
+# fallback on an AVX2-only AMD EPYC, where a @ b.T went through oneDNN at 20 GFLOP/s.
+LAYOUTS = ("a@b", "a@b.T")
+
+
+def _operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
     a = torch.rand(n, n, generator=gen).to(dtype)
     b = torch.rand(n, n, generator=gen).to(dtype)
+    return a, (b.t() if layout == "a@b.T" else b)
+
+
+def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
+    """The operand layout whose ``dtype`` matmul is faster here (best of 2 after one warm-up call)."""
+    seconds = {}
+    for layout in LAYOUTS:
+        a, b = _operands(n, dtype, layout)
+        torch.mm(a, b)
+        seconds[layout] = min(_time_one(a, b) for _ in range(2))
+    return min(seconds, key=seconds.__getitem__)
+
+
+def _time_one(a: torch.Tensor, b: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    return time.perf_counter() - t0
+
+
+def best_matmul_flops(
+    n: int, dtype: torch.dtype, deadline: float = math.inf, layout: str = "a@b"
+) -> MatmulTiming:
+    """The best of at least 5 samples of a warmed n x n x n matmul; more while samples keep improving
+    (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
+    a, b = _operands(n, dtype, layout)
     start, calls, last = time.perf_counter(), 0, 0.0
     while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        calls, last = calls + 1, time.perf_counter() - t0
+        last, calls = _time_one(a, b), calls + 1
     group = 1 + int(_MIN_SAMPLE_S / max(last, 1e-6))
     best, samples, since_best = math.inf, 0, 0
     while samples < _MIN_REPEATS or (
@@ -138,13 +166,14 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     """
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     start = time.perf_counter()
+    layout = fastest_layout(torch_dtype)
     deadline = start + _PEAK_BUDGET_S
     timings: list[MatmulTiming] = []
     for n in _PEAK_SIZES:
         # n doubles: 8x the work per matmul, for 2 warm-up calls and at least 5 samples
         if timings and 8 * timings[-1].seconds * (_MIN_REPEATS + 2) > deadline - time.perf_counter():
             break
-        timings.append(best_matmul_flops(n, torch_dtype, deadline))
+        timings.append(best_matmul_flops(n, torch_dtype, deadline, layout))
         large = [t for t in timings if t.n >= _MIN_PEAK_SIZE]
         if len(large) > 1 and large[-1].flops < _SATURATED * large[-2].flops:
             break
@@ -157,6 +186,7 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
         torch.get_num_threads(),
         [t.n for t in timings],
         load_average()[0],
+        layout,
     )
     log.info(
         "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
@@ -170,8 +200,56 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
 
 def cpu_peak(dtype: str) -> CpuPeak:
     """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk."""
-    key = f"peak/{dtype}/threads{torch.get_num_threads()}"
+    key = f"peak/{dtype}/threads{torch.get_num_threads()}/layouts"  # "/layouts": not the a@b-only peaks
     return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype))
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The CPU training dtype, and the times of one training-shaped product in each dtype that chose it."""
+
+    dtype: str
+    fp32_ms: float
+    bf16_ms: float
+
+
+_BF16_WINS = 1.25  # bf16 autocast also casts weights and activations: it must be clearly faster to pay
+_DTYPE_SHAPE = (512, 768, 3072)  # tokens x n_embd -> 4 n_embd: GPT-2 small's MLP, nn.Linear layout
+
+
+def measure_cpu_dtype() -> DtypeChoice:
+    """Time x @ w.T in fp32 and in bf16 (interleaved, best of 3 after a warm-up): bf16 only if it wins.
+
+    CPUs without native bf16 (AVX2) run bf16 matmuls 8x slower than fp32; AMX runs them several times
+    faster; AVX512-BF16 in between: a flag list cannot say which, a 0.1-s measurement can.
+    """
+    tokens, n_in, n_out = _DTYPE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.rand(tokens, n_in, generator=gen), torch.rand(n_out, n_in, generator=gen)
+    operands = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+    best = dict.fromkeys(operands, math.inf)
+    for round_ in range(4):
+        for name, (a, b) in operands.items():
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            if round_:  # round 0 is the warm-up
+                best[name] = min(best[name], time.perf_counter() - t0)
+    dtype = "bf16" if best["bf16"] * _BF16_WINS < best["fp32"] else "fp32"
+    choice = DtypeChoice(dtype, best["fp32"] * 1e3, best["bf16"] * 1e3)
+    log.info(
+        "CPU training dtype: %s (%dx%dx%d product: fp32 %.1f ms, bf16 %.1f ms)",
+        dtype,
+        *_DTYPE_SHAPE,
+        choice.fp32_ms,
+        choice.bf16_ms,
+    )
+    return choice
+
+
+def cpu_training_dtype() -> str:
+    """bf16 where this CPU multiplies in it clearly faster than in fp32, else fp32 (measured once, cached)."""
+    key = f"dtype/threads{torch.get_num_threads()}"
+    return CALIBRATIONS.lookup(key, DtypeChoice, measure_cpu_dtype).dtype
 
 
 def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:

@@ -41,7 +41,8 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), so bf16 autocast is a speed-up."""
+    """True when the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX): a fact the doctor
+    reports; the training dtype is chosen by measurement (``perf.cpu_training_dtype``)."""
     try:
         caps = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
@@ -56,11 +57,13 @@ def cpu_supports_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """bf16 where the hardware computes in it natively, fp32 otherwise."""
+    """bf16 where the hardware computes in it natively (GPUs) or measurably faster (CPUs), else fp32."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        from gpt2repro.perf import cpu_training_dtype  # perf -> kernels -> hub: not at import time
+
+        return cpu_training_dtype()
     return "fp32"
 
 

@@ -175,7 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="take the likeliest token (= --temperature 0)")
     parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where native)")
+    parser.add_argument(
+        "--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where native or measured faster)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
 
 

@@ -69,7 +69,9 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 disables")
     seed: int = _field(1337, "seed of the initial weights, the data order and the samples")
     # ---- precision and speed
-    dtype: str = _field("auto", "auto (bf16 where native) | fp32 | bf16 | fp16 (CUDA, with loss scaling)")
+    dtype: str = _field(
+        "auto", "auto (bf16 where native or measured faster) | fp32 | bf16 | fp16 (CUDA, with loss scaling)"
+    )
     compile: str = _field("auto", "torch.compile: auto (on for CUDA, off on CPU) | true | false")
     device: str = _field("auto", "auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps")
     parallel: str = _field("auto", "auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2 shards)")

@@ -6,8 +6,9 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gpt2repro import kernels, perf
+from gpt2repro import kernels, perf, runtime
 from gpt2repro.kernels import CalibrationCache
 
 
@@ -22,14 +23,21 @@ def fresh_cache(tmp_path, monkeypatch) -> CalibrationCache:
 
 
 def independent_best_of_5(n: int, dtype: torch.dtype) -> float:
-    """FLOP/s of the best of 5 single n^3 matmuls after 3 warm-up ones (not perf's code)."""
+    """FLOP/s of the best of 5 single n^3 matmuls after 3 warm-up ones, in whichever of the two layouts
+    (a @ b, a @ b.T) a first call shows to be faster (not perf's code)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    first = {}
+    for name, rhs in (("a@b", b), ("a@b.T", b.t())):
+        t0 = time.perf_counter()
+        a @ rhs
+        first[name] = (time.perf_counter() - t0, rhs)
+    rhs = min(first.values(), key=lambda item: item[0])[1]
     for _ in range(3):
-        a @ b
+        a @ rhs
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        a @ b
+        a @ rhs
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -38,24 +46,81 @@ def timing(n: int, flops: float) -> perf.MatmulTiming:
     return perf.MatmulTiming(n, flops, 2 * n**3 / flops, 5)
 
 
+@pytest.fixture
+def fixed_rates(monkeypatch):
+    """Replace the matmul timings by a table: the size logic is tested apart from the machine."""
+
+    def install(rates: dict[int, float], calls: list | None = None) -> None:
+        def fake(n, dtype, deadline, layout):
+            if calls is not None:
+                calls.append(n)
+            return timing(n, rates[n])
+
+        monkeypatch.setattr(perf, "best_matmul_flops", fake)
+        monkeypatch.setattr(perf, "fastest_layout", lambda dtype: "a@b")
+
+    return install
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="on this shared 2-core VM two best-of-5 matmul measurements seconds apart differed by +17% and "
-    "-21% in clean-clone runs: the 10% bound is met on a quiet machine only",
-)
 def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
     peak, how = perf.peak_flops(torch.device("cpu"), dtype)
     measured = perf.cpu_peak(dtype)
-    assert (
-        peak == measured.flops
-        and f"{measured.size}^3 {dtype}" in how
-        and f"best of {measured.repeats} warmed" in how
-    )
-    # three independent best-of-5 runs: on a shared 2-core VM one run alone can land 15% low
+    assert peak == measured.flops
+    assert f"{measured.size}^3 {dtype}" in how and f"best of {measured.repeats} warmed" in how
+    assert f"({measured.layout})" in how
+    # On a shared 2-core VM two measurements seconds apart have differed by 20%: each attempt measures
+    # the peak afresh and then the reference, and one agreeing pair out of three passes. A peak that is
+    # wrong (a cached in-cache size, the slow layout, a wrong FLOP count) misses all three.
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    reference = max(independent_best_of_5(measured.size, torch_dtype) for _ in range(3))
-    assert abs(peak - reference) <= 0.10 * reference, f"peak {peak:.3e} vs independent {reference:.3e} FLOP/s"
+    pairs = []
+    for _ in range(3):
+        fresh = perf.measure_cpu_peak(dtype)
+        reference = independent_best_of_5(fresh.size, torch_dtype)
+        pairs.append((fresh.flops, reference))
+        if abs(fresh.flops - reference) <= 0.10 * reference:
+            break
+    else:
+        pytest.fail(
+            "peak vs independent best-of-5 FLOP/s: " + ", ".join(f"{p:.3e}/{r:.3e}" for p, r in pairs)
+        )
+
+
+def test_peak_uses_the_faster_operand_layout(monkeypatch):
+    """perf times both layouts a model multiplies in and measures the peak in the faster one."""
+    slow = {"a@b": 1.0, "a@b.T": 0.1}
+    monkeypatch.setattr(perf, "_time_one", lambda a, b: slow["a@b.T" if not b.is_contiguous() else "a@b"])
+    assert perf.fastest_layout(torch.float32, n=16) == "a@b.T"
+    slow.update({"a@b": 0.05})
+    assert perf.fastest_layout(torch.float32, n=16) == "a@b"
+
+
+def test_cpu_training_dtype_follows_its_own_measurement(fresh_cache):
+    choice = perf.measure_cpu_dtype()
+    assert choice.fp32_ms > 0 and choice.bf16_ms > 0
+    assert (choice.dtype == "bf16") == (choice.bf16_ms * perf._BF16_WINS < choice.fp32_ms)
+    assert perf.cpu_training_dtype() in ("fp32", "bf16")
+    assert perf.cpu_training_dtype() == runtime.default_dtype(torch.device("cpu"))
+    assert "dtype/threads" in fresh_cache.path.read_text()
+
+
+def test_cpu_training_dtype_is_right_where_the_difference_is_clear():
+    """An independent timing of the same product: where one dtype is 2x faster, that one is chosen."""
+    x, w = torch.rand(512, 768), torch.rand(3072, 768)
+    seconds = {}
+    for name, (a, b) in {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}.items():
+        F.linear(a, b)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            F.linear(a, b)
+        seconds[name] = time.perf_counter() - t0
+    choice = perf.measure_cpu_dtype().dtype
+    if seconds["bf16"] * 2 < seconds["fp32"]:
+        assert choice == "bf16", seconds
+    elif seconds["fp32"] * 2 < seconds["bf16"]:
+        assert choice == "fp32", seconds
+    else:
+        assert choice in ("fp32", "bf16")  # close: either is defensible, the margin decides
 
 
 @pytest.mark.parametrize(
@@ -67,26 +132,24 @@ def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
         ({256: 1.2e11, 512: 4e10, 1024: 4.5e10, 2048: 5.4e10}, [256, 512, 1024, 2048], 2048),
     ],
 )
-def test_peak_grows_the_matmul_until_it_saturates(rates, tried, best, monkeypatch):
+def test_peak_grows_the_matmul_until_it_saturates(rates, tried, best, fixed_rates):
     """Sizes double until one gains < 5% (from 1024 on) or would overrun the budget; best of >= 1024 wins."""
-    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype, deadline: timing(n, rates[n]))
+    fixed_rates(rates)
     peak = perf.measure_cpu_peak("fp32")
     assert peak.sizes_tried == tried
     assert (peak.size, peak.flops) == (best, rates[best])
 
 
-def test_peak_stops_growing_when_the_next_size_would_overrun_the_budget(monkeypatch):
+def test_peak_stops_growing_when_the_next_size_would_overrun_the_budget(fixed_rates):
     slow = {256: 1e9, 512: 2e9, 1024: 4e9}  # a kernel without native bf16 support: 1024^3 takes 0.5 s
-    monkeypatch.setattr(perf, "best_matmul_flops", lambda n, dtype, deadline: timing(n, slow[n]))
+    fixed_rates(slow)
     peak = perf.measure_cpu_peak("bf16")
     assert peak.sizes_tried == [256, 512] and peak.size == 512
 
 
-def test_cpu_peak_is_cached_on_disk(fresh_cache, monkeypatch):
+def test_cpu_peak_is_cached_on_disk(fresh_cache, fixed_rates):
     calls = []
-    monkeypatch.setattr(
-        perf, "best_matmul_flops", lambda n, dtype, deadline: calls.append(n) or timing(n, 1e12)
-    )
+    fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1e12), calls)
     first = perf.cpu_peak("fp32")
     measured = len(calls)
     fresh_cache.clear_memory()

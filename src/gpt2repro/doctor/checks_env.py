@@ -64,7 +64,7 @@ def _cuda_facts(device: torch.device) -> dict:
 
 
 def _host_facts(device: torch.device) -> dict:
-    from gpt2repro.runtime import cpu_supports_bf16
+    from gpt2repro.runtime import cpu_supports_bf16, default_dtype
 
     facts = {
         "device_name": _cpu_name(),
@@ -73,6 +73,7 @@ def _host_facts(device: torch.device) -> dict:
     }
     if device.type == "cpu":
         facts["bf16"] = cpu_supports_bf16()
+        facts["training_dtype"] = default_dtype(device)  # measured: what `--dtype auto` trains in
     return facts
 
 
@@ -105,7 +106,8 @@ def check_environment(ctx: DoctorContext) -> list[Row]:
         f"{facts['cpu_capability']}"
     )
     if "bf16" in facts:
-        figure += f"; native bf16 {'yes' if facts['bf16'] else 'no (training runs fp32)'}"
+        native = "yes" if facts["bf16"] else "no"
+        figure += f"; native bf16 {native}; --dtype auto trains in {facts['training_dtype']}"
     return [passed("environment", figure, **facts)]
 
 

@@ -92,7 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", dest="json_path", help="also write the results as JSON to this file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where native, default)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="fp32, bf16, fp16 or auto (bf16 where native or measured faster; default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
