@@ -9,12 +9,15 @@ reaches".
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gpt2repro.config import GPTConfig
 from gpt2repro.kernels import CALIBRATIONS, load_average
@@ -75,7 +78,7 @@ class CpuPeak:
     threads: int
     sizes_tried: list[int]
     load_average: float  # 1-minute load average while measuring
-    layout: str = "a@b"  # the faster of LAYOUTS on this CPU
+    layout: str  # the faster of LAYOUTS on this CPU
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
@@ -115,13 +118,25 @@ def _operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, to
     return a, (b.t() if layout == "a@b.T" else b)
 
 
+def best_interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds of each candidate: best of ``rounds`` calls after one warm-up, the candidates taking
+    turns so that a burst of load on a shared machine slows them alike."""
+    best = dict.fromkeys(candidates, math.inf)
+    for round_ in range(rounds + 1):
+        for name, run in candidates.items():
+            t0 = time.perf_counter()
+            run()
+            if round_:  # round 0 is the warm-up
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
     """The operand layout whose ``dtype`` matmul is faster here (best of 2 after one warm-up call)."""
-    seconds = {}
-    for layout in LAYOUTS:
-        a, b = _operands(n, dtype, layout)
-        torch.mm(a, b)
-        seconds[layout] = min(_time_one(a, b) for _ in range(2))
+    operands = {layout: _operands(n, dtype, layout) for layout in LAYOUTS}
+    seconds = best_interleaved(
+        {layout: functools.partial(torch.mm, *ab) for layout, ab in operands.items()}, 2
+    )
     return min(seconds, key=seconds.__getitem__)
 
 
@@ -227,13 +242,7 @@ def measure_cpu_dtype() -> DtypeChoice:
     gen = torch.Generator().manual_seed(0)
     x, w = torch.rand(tokens, n_in, generator=gen), torch.rand(n_out, n_in, generator=gen)
     operands = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
-    best = dict.fromkeys(operands, math.inf)
-    for round_ in range(4):
-        for name, (a, b) in operands.items():
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            if round_:  # round 0 is the warm-up
-                best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_interleaved({name: functools.partial(F.linear, *xw) for name, xw in operands.items()}, 3)
     dtype = "bf16" if best["bf16"] * _BF16_WINS < best["fp32"] else "fp32"
     choice = DtypeChoice(dtype, best["fp32"] * 1e3, best["bf16"] * 1e3)
     log.info(
