@@ -52,6 +52,26 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+@torch.no_grad()
+def logprobs_at(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_softmax(logits[rows[k]])[targets[k]]`` (fp32) and whether that target is the row's argmax.
+
+    Zero-shot scoring asks for many targets per row (a HellaSwag context's last position is scored
+    for each of its four endings): each row's log-sum-exp and argmax are computed once, a block of
+    rows at a time while it is in cache, and the logits are never copied or upcast whole.
+    """
+    n_rows, n_cols = logits.shape
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    best = torch.empty(n_rows, dtype=torch.long, device=logits.device)
+    for block in _row_blocks(n_rows, n_cols):
+        values = logits[block].float()
+        lse[block] = torch.logsumexp(values, dim=-1)
+        best[block] = values.argmax(dim=-1)
+    return logits[rows, targets].float() - lse[rows], best[rows] == targets
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (..., >= vocab_size) against ``targets`` (...), -1 ignored.
 

@@ -64,3 +64,21 @@ def test_target_outside_the_real_vocabulary_is_refused(bad):
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         cross_entropy(torch.randn(2, 5, 16), torch.zeros(2, 4, dtype=torch.long), 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_at_matches_log_softmax_and_argmax(dtype, monkeypatch):
+    """Rows asked for several times (a shared context position), a ragged last block, a padded view."""
+    monkeypatch.setattr(loss_module, "_BLOCK_ELEMENTS", 1000)
+    torch.manual_seed(0)
+    padded = torch.randn(13, 317).to(dtype)
+    logits = padded[:, :300]  # the model returns the real-vocabulary slice of padded logits
+    rows = torch.tensor([0, 0, 0, 5, 12, 7, 7])
+    targets = torch.tensor([3, 299, 0, 10, 42, 0, 1])
+    targets[4] = int(logits[12].float().argmax())  # one hit at least
+    logprob, hit = loss_module.logprobs_at(logits, rows, targets)
+    expected = F.log_softmax(logits.float(), dim=-1)[rows, targets]
+    assert logprob.dtype == torch.float32
+    torch.testing.assert_close(logprob, expected, rtol=0, atol=1e-5)
+    assert hit.tolist() == (logits.float().argmax(dim=-1)[rows] == targets).tolist()
+    assert hit[4]

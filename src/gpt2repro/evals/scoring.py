@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from gpt2repro.config import EOT_TOKEN_ID
 from gpt2repro.distributed import DistInfo, sum_across_ranks
+from gpt2repro.loss import logprobs_at
 from gpt2repro.runtime import autocast, evaluation_mode
 from gpt2repro.tokenizer import get_tokenizer
 
@@ -239,17 +240,11 @@ def _score_rows(gpt: nn.Module, chunk: list[_PackedRow], device: torch.device, d
             position_ids=pos.to(device) if shared else None,
             attention_mask=mask.to(device) if shared else None,
         )
-    logits = logits.float()  # (N, V), rows in (batch, position) order
     row_of = (scored.flatten().cumsum(0) - 1).view(scored.shape).tolist()  # (row, position) -> ``logits`` row
-    flat_rows = [row_of[r][p] for _, where, _ in picks for r, p in where]
+    flat_rows = torch.tensor([row_of[r][p] for _, where, _ in picks for r, p in where], device=logits.device)
     wanted = torch.tensor([t for _, _, cont in picks for t in cont], device=logits.device)
-    if flat_rows == list(range(logits.size(0))):  # one continuation per row (perplexity windows): in order
-        picked = logits  # no copy of the (N, V) logits
-    else:
-        picked = logits[torch.tensor(flat_rows, device=logits.device)]
-    # log_softmax picked at the targets, without materialising the (N, V) log-probabilities
-    token_logprob = picked.gather(1, wanted.unsqueeze(1)).squeeze(1) - picked.logsumexp(dim=-1)
-    token_hit = picked.argmax(dim=-1) == wanted
+    # logits (N, V) are in (batch, position) order; a shared context position is asked for once per ending
+    token_logprob, token_hit = logprobs_at(logits, flat_rows, wanted)
     counts = [len(cont) for _, _, cont in picks]
     sums = torch.split(token_logprob.double(), counts)
     hits = torch.split(token_hit, counts)
