@@ -147,6 +147,31 @@ def machine_overloaded() -> bool:
 T = TypeVar("T")
 
 
+def best_interleaved(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    *,
+    min_rounds: int | None = None,
+    budget_s: float = math.inf,
+) -> dict[str, float]:
+    """Seconds of each candidate: best of ``rounds`` calls after one warm-up, the candidates taking turns
+    (in reverse order every other round) so that a burst of load on a shared machine slows them alike.
+    After ``min_rounds`` rounds, stop once ``budget_s`` seconds have passed (a slow or busy machine)."""
+    best = dict.fromkeys(candidates, math.inf)
+    for run in candidates.values():  # warm-up: thread pool, kernel selection, page faults
+        run()
+    start = time.perf_counter()
+    for round_ in range(rounds):
+        order = list(candidates) if round_ % 2 == 0 else list(reversed(candidates))
+        for name in order:
+            t0 = time.perf_counter()
+            candidates[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        if round_ + 1 >= (min_rounds or rounds) and time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
 class CalibrationCache:
     """Measured choices for this CPU: kept for the process, and in one JSON file per CPU identity.
 
@@ -292,26 +317,26 @@ def _streaming_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight.clone() for _ in range(copies)]
 
 
+def _each(product: Callable, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> None:
+    for w in weights:
+        product(x, w, bias)
+
+
 @torch.no_grad()
 def calibrate_decode(weight: torch.Tensor, rows: int, has_bias: bool) -> DecodeChoice:
     """Time F.linear against the row-block bmm for ``rows`` rows times ``weight`` (interleaved, best of 5)."""
     weights = _streaming_copies(weight.detach())
     x = torch.full((rows, weight.shape[1]), 0.01, dtype=weight.dtype)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if has_bias else None
-    candidates = {"linear": lambda w: F.linear(x, w, bias), "bmm": lambda w: linear_by_row_blocks(x, w, bias)}
-    best = dict.fromkeys(candidates, math.inf)
-    for run in candidates.values():  # warm-up: thread pool, kernel selection, page faults of the copies
-        run(weights[0])
+    products = {"linear": F.linear, "bmm": linear_by_row_blocks}
     start = time.perf_counter()
-    for round_ in range(_ROUNDS):
-        order = list(candidates) if round_ % 2 == 0 else list(reversed(candidates))  # a load burst hits both
-        for name in order:
-            t0 = time.perf_counter()
-            for w in weights:
-                candidates[name](w)
-            best[name] = min(best[name], (time.perf_counter() - t0) / len(weights))
-        if round_ + 1 >= _MIN_ROUNDS and time.perf_counter() - start > _ROUND_BUDGET_S:
-            break
+    seconds = best_interleaved(
+        {name: functools.partial(_each, product, x, weights, bias) for name, product in products.items()},
+        _ROUNDS,
+        min_rounds=_MIN_ROUNDS,
+        budget_s=_ROUND_BUDGET_S,
+    )
+    best = {name: s / len(weights) for name, s in seconds.items()}
     kernel = "bmm" if best["bmm"] < (1 - _MARGIN) * best["linear"] else "linear"
     choice = DecodeChoice(kernel, best["linear"] * 1e6, best["bmm"] * 1e6)
     log.info(

@@ -13,14 +13,13 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from gpt2repro.config import GPTConfig
-from gpt2repro.kernels import CALIBRATIONS, load_average
+from gpt2repro.kernels import CALIBRATIONS, best_interleaved, load_average
 
 log = logging.getLogger("gpt2repro")
 
@@ -116,19 +115,6 @@ def _operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, to
     a = torch.rand(n, n, generator=gen).to(dtype)
     b = torch.rand(n, n, generator=gen).to(dtype)
     return a, (b.t() if layout == "a@b.T" else b)
-
-
-def best_interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Seconds of each candidate: best of ``rounds`` calls after one warm-up, the candidates taking
-    turns so that a burst of load on a shared machine slows them alike."""
-    best = dict.fromkeys(candidates, math.inf)
-    for round_ in range(rounds + 1):
-        for name, run in candidates.items():
-            t0 = time.perf_counter()
-            run()
-            if round_:  # round 0 is the warm-up
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:

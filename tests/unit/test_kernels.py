@@ -166,3 +166,14 @@ def test_describe_cpu_names_model_isa_threads_and_load():
     for _, name in kernels.ISA_FLAGS:
         assert f"{name}:" in line
     assert ("AVX2:yes" in line) == ("avx2" in cpu.flags)
+
+
+def test_best_interleaved_warms_up_alternates_the_order_and_stops_at_the_budget():
+    calls = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    seconds = kernels.best_interleaved(candidates, 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then turns in alternating order
+    assert set(seconds) == {"a", "b"} and all(0 <= s < 1 for s in seconds.values())
+    calls.clear()
+    kernels.best_interleaved(candidates, 5, min_rounds=2, budget_s=0.0)  # over budget: min_rounds only
+    assert calls == ["a", "b", "a", "b", "b", "a"]
