@@ -135,8 +135,9 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank(data, uninterrupted
 
 @pytest.mark.xfail(
     strict=False,
-    reason="in two clean-clone CI runs every restarted gloo group failed in init_process_group "
-    "(connectFullMesh: Connection refused) before its first step; run by hand it restarts and finishes",
+    reason="restarted gloo groups fail or hang in init_process_group before their first step (CI: "
+    "connectFullMesh 'Connection refused'; 2026-12-02: both ranks of restart 2 listening, never paired, "
+    "in gloo Pair::waitUntilConnected); run by hand it restarts and finishes",
 )
 def test_elastic_restart_after_a_worker_is_killed(data, uninterrupted_without_dropout, tmp_path):
     """torchrun --max-restarts: a SIGKILLed worker takes the group down, torchrun starts it again, and
@@ -147,7 +148,14 @@ def test_elastic_restart_after_a_worker_is_killed(data, uninterrupted_without_dr
     proc = start([*TORCHRUN, "--nproc_per_node=2", "--max-restarts=2", "-m", "gpt2repro", *args], log)
     wait_for(log, "step     5/", proc)
     subprocess.run(["kill", "-KILL", str(max(children(proc.pid)))], check=True)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    try:  # a good restart finishes in under a minute here; a hung one would hold CI for gloo's 30 min
+        returncode = proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        for pid in [*children(proc.pid), proc.pid]:
+            subprocess.run(["kill", "-KILL", str(pid)], check=False)
+        proc.wait()
+        pytest.fail("torchrun's restart did not finish in 240 s: " + log.read_text()[-2000:])
+    assert returncode == 0, log.read_text()[-3000:]
     err = log.read_text()
     assert "resumed from" in err and f"done: {STEPS} steps" in err
     assert_same_parameters(final_params(out), final_params(uninterrupted_without_dropout), atol=1e-5)
