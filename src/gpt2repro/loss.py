@@ -14,10 +14,11 @@ import torch
 
 IGNORE_INDEX = -1
 _BLOCK_ELEMENTS = 1 << 20  # fp32 elements per block: 4 MB, well inside the last-level cache
+_GPU_BLOCK_ELEMENTS = 1 << 26  # 256 MB fp32: a GPU has no such cache, and each block costs kernel launches
 
 
-def _row_blocks(n_rows: int, n_cols: int):
-    step = max(1, _BLOCK_ELEMENTS // n_cols)
+def _row_blocks(n_rows: int, n_cols: int, block_elements: int | None = None):
+    step = max(1, (block_elements or _BLOCK_ELEMENTS) // n_cols)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -65,7 +66,8 @@ def logprobs_at(
     n_rows, n_cols = logits.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     best = torch.empty(n_rows, dtype=torch.long, device=logits.device)
-    for block in _row_blocks(n_rows, n_cols):
+    on_cpu = logits.device.type == "cpu"
+    for block in _row_blocks(n_rows, n_cols, None if on_cpu else _GPU_BLOCK_ELEMENTS):
         values = logits[block].float()
         lse[block] = torch.logsumexp(values, dim=-1)
         best[block] = values.argmax(dim=-1)
