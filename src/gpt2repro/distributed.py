@@ -7,6 +7,7 @@ rendezvous variables for multi-node); ``init()`` reads them.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,9 +70,22 @@ def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+# How long teardown releases the GIL so that the groups' worker threads can drop their finished work.
+_WORKER_DRAIN_SECONDS = 0.1
+
+
 def teardown() -> None:
+    """Destroy the process groups, then pause with the GIL released before the interpreter exits.
+
+    DDP and FSDP keep their group alive in C++ after ``destroy_process_group`` (its gloo worker threads
+    keep running), and a worker that drops the last collective's tensors needs the GIL: once the
+    interpreter is finalizing, that thread is killed inside C++ and the process aborts after all its
+    work is done (SIGABRT, ``terminate called without an active exception``: torchrun then reports a
+    failed run). ``tests/integration/test_distributed.py`` reproduces it.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        time.sleep(_WORKER_DRAIN_SECONDS)
 
 
 def _collective_device(device: torch.device | str) -> torch.device:

@@ -68,9 +68,12 @@ def _launch(ctx: DoctorContext, world: int, spec: dict, timeout: float) -> tuple
 
 
 def _root_cause(output: str) -> str:
-    """The error lines of a failed torchrun (the child's exception, not the launcher's summary)."""
+    """The error lines of a failed torchrun: the child's exception or abort message and the exit code
+    torchrun saw (a worker killed by a signal prints no exception), not the launcher's traceback."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "NCCL" in ln]
+    launcher = ("ChildFailedError", "raise ", "elastic/", "error_file", "traceback :")
+    markers = ("Error", "error:", "NCCL", "terminate called", "Signal ", "exitcode")
+    errors = [ln for ln in lines if any(m in ln for m in markers) and not any(x in ln for x in launcher)]
     return " | ".join(dict.fromkeys(errors[-4:] or lines[-4:]))[-900:]
 
 
