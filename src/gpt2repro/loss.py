@@ -14,22 +14,37 @@ import torch
 
 IGNORE_INDEX = -1
 _BLOCK_ELEMENTS = 1 << 20  # fp32 elements per block: 4 MB, well inside the last-level cache
-_GPU_BLOCK_ELEMENTS = 1 << 26  # 256 MB fp32: a GPU has no such cache, and each block costs kernel launches
+# 256 MB fp32 on a GPU: it has no such cache, and each block costs kernel launches (4 MB blocks of a
+# 16x1024-token batch would be ~800 blocks, several launches each, per micro-step)
+_GPU_BLOCK_ELEMENTS = 1 << 26
 
 
-def _row_blocks(n_rows: int, n_cols: int, block_elements: int | None = None):
-    step = max(1, (block_elements or _BLOCK_ELEMENTS) // n_cols)
+def _row_blocks(n_rows: int, n_cols: int, device: torch.device):
+    block = _BLOCK_ELEMENTS if device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    step = max(1, block // n_cols)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
+
+
+def _row_log_sum_exp(
+    logits: torch.Tensor, n_cols: int, with_argmax: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 log-sum-exp of each row's first ``n_cols`` logits (and its argmax), a block of rows at a time."""
+    n_rows = logits.shape[0]
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    best = torch.empty(n_rows, dtype=torch.long, device=logits.device) if with_argmax else None
+    for rows in _row_blocks(n_rows, n_cols, logits.device):
+        values = logits[rows, :n_cols].float()
+        lse[rows] = torch.logsumexp(values, dim=-1)
+        if best is not None:
+            best[rows] = values.argmax(dim=-1)
+    return lse, best
 
 
 class _BlockwiseCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        n_rows = logits.shape[0]
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        for rows in _row_blocks(n_rows, vocab_size):
-            lse[rows] = torch.logsumexp(logits[rows, :vocab_size].float(), dim=-1)
+        lse, _ = _row_log_sum_exp(logits, vocab_size)
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0)
         target_logits = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).float()
@@ -46,7 +61,7 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         grad[:, vocab_size:] = 0  # padded vocabulary columns never carry probability
         row_scale = (grad_loss / count) * valid.float()  # ignored rows contribute nothing
-        for rows in _row_blocks(logits.shape[0], vocab_size):
+        for rows in _row_blocks(logits.shape[0], vocab_size, logits.device):
             probs = logits[rows, :vocab_size].float().sub_(lse[rows].unsqueeze(1)).exp_()
             probs.scatter_add_(1, safe_targets[rows].unsqueeze(1), -valid[rows].float().unsqueeze(1))
             grad[rows, :vocab_size] = probs.mul_(row_scale[rows].unsqueeze(1))
@@ -63,14 +78,7 @@ def logprobs_at(
     for each of its four endings): each row's log-sum-exp and argmax are computed once, a block of
     rows at a time while it is in cache, and the logits are never copied or upcast whole.
     """
-    n_rows, n_cols = logits.shape
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    best = torch.empty(n_rows, dtype=torch.long, device=logits.device)
-    on_cpu = logits.device.type == "cpu"
-    for block in _row_blocks(n_rows, n_cols, None if on_cpu else _GPU_BLOCK_ELEMENTS):
-        values = logits[block].float()
-        lse[block] = torch.logsumexp(values, dim=-1)
-        best[block] = values.argmax(dim=-1)
+    lse, best = _row_log_sum_exp(logits, logits.shape[1], with_argmax=True)
     return logits[rows, targets].float() - lse[rows], best[rows] == targets
 
 

@@ -82,3 +82,12 @@ def test_logprobs_at_matches_log_softmax_and_argmax(dtype, monkeypatch):
     torch.testing.assert_close(logprob, expected, rtol=0, atol=1e-5)
     assert hit.tolist() == (logits.float().argmax(dim=-1)[rows] == targets).tolist()
     assert hit[4]
+
+
+def test_blocks_are_cache_sized_on_cpu_and_large_on_gpus():
+    """A GPU gets few large blocks (each block costs kernel launches); the CPU's fit in its cache."""
+    vocab, rows = 50304, 16 * 1024
+    for device, elements in (("cpu", loss_module._BLOCK_ELEMENTS), ("cuda", loss_module._GPU_BLOCK_ELEMENTS)):
+        blocks = list(loss_module._row_blocks(rows, vocab, torch.device(device)))
+        assert blocks[0] == slice(0, elements // vocab) and blocks[-1].stop == rows
+        assert len(blocks) == math.ceil(rows / (elements // vocab))
