@@ -174,10 +174,10 @@ def _check_signs(cfg: TrainConfig) -> None:
     for name in POSITIVE + POSITIVE_OR_NONE:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
-            raise UserError(f"--{_flag(name)} must be positive, got {value}")
+            raise UserError(f"--{flag_name(name)} must be positive, got {value}")
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
-            raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+            raise UserError(f"--{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _check_finite(cfg: TrainConfig) -> None:
@@ -185,7 +185,7 @@ def _check_finite(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{_flag(f.name)} must be a finite number, got {value}")
+            raise UserError(f"--{flag_name(f.name)} must be a finite number, got {value}")
 
 
 def _check_context(cfg: TrainConfig) -> None:
@@ -211,7 +211,8 @@ def _check_context(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------- presets and overrides
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line spelling of a config field (``micro_batch`` -> ``micro-batch``)."""
     return name.replace("_", "-")
 
 
@@ -276,7 +277,7 @@ def coerce(name: str, value: object, source: str) -> object:
     except (TypeError, ValueError):
         pass
     article = "an" if t is int else "a"
-    raise UserError(f"{source}: {_flag(name)} must be {article} {t.__name__}, got {value!r}")
+    raise UserError(f"{source}: {flag_name(name)} must be {article} {t.__name__}, got {value!r}")
 
 
 def preset_path(name: str) -> Path:
@@ -376,5 +377,5 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     conflicts = []
     for name in RESUME_FIXED:
         if name in saved and saved[name] != current[name]:
-            conflicts.append(f"{_flag(name)} ({saved[name]!r} -> {current[name]!r})")
+            conflicts.append(f"{flag_name(name)} ({saved[name]!r} -> {current[name]!r})")
     return conflicts

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from gpt2repro.errors import UserError
-from gpt2repro.train_config import FIELD_TYPES, TrainConfig, _flag, load_preset
+from gpt2repro.train_config import FIELD_TYPES, TrainConfig, flag_name, load_preset
 
 
 def _help_text(f: dataclasses.Field, preset_values: dict | None = None, preset: str | None = None) -> str:
@@ -58,7 +58,7 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training fields (override the preset)")
     for f in dataclasses.fields(TrainConfig):
         action = group.add_argument(
-            f"--{_flag(f.name)}",
+            f"--{flag_name(f.name)}",
             dest=f"field_{f.name}",
             default=None,
             metavar=FIELD_TYPES[f.name].__name__.upper(),
