@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import SHARED_DATA
+from training_helpers import tiny_corpus
 
 from gpt2repro.checkpoint import checkpoint_path
-from gpt2repro.prepare import prepare_corpus
-from gpt2repro.sources import embedded_documents
 from gpt2repro.train import train
 
 MAX_STEPS = 6
@@ -28,9 +27,7 @@ def make_tiny_run(root: Path) -> Path:
         return _made[0]
     assert HELLASWAG.is_file(), f"test data {HELLASWAG} is missing (expected ../shared/data beside the repo)"
     data, run = root / "data", root / "run"
-    prepare_corpus(
-        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
+    tiny_corpus(data)
     overrides = dict(
         model="gpt2-micro",
         data=str(data),

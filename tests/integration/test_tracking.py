@@ -16,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tiny_run import HELLASWAG
+from training_helpers import tiny_corpus
 from wandb.proto import wandb_internal_pb2
 
 from gpt2repro import plot, runtime
@@ -63,9 +64,7 @@ def tracked(tmp_path_factory):
     """6 steps with both trackers, a "crash" after step 6 (its checkpoint removed), then ``--resume``."""
     root = tmp_path_factory.mktemp("tracked")
     data, run, wandb_dir = root / "data", root / "run", root / "wandb-dir"
-    prepare_corpus(
-        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
+    tiny_corpus(data)
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
     fields = dict(
         model="gpt2-micro",
