@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import SHARED_DATA
-from training_helpers import tiny_corpus
+from training_helpers import T, run_overrides, tiny_corpus
 
 from gpt2repro.checkpoint import checkpoint_path
 from gpt2repro.train import train
@@ -28,25 +28,14 @@ def make_tiny_run(root: Path) -> Path:
     assert HELLASWAG.is_file(), f"test data {HELLASWAG} is missing (expected ../shared/data beside the repo)"
     data, run = root / "data", root / "run"
     tiny_corpus(data)
-    overrides = dict(
-        model="gpt2-micro",
-        data=str(data),
-        out=str(run),
-        device="cpu",
-        dtype="fp32",
-        compile="false",
-        seq_len=32,
-        micro_batch=4,
-        total_batch=128,
+    overrides = run_overrides(
+        data,
+        run,
+        total_batch=4 * T,
         max_steps=MAX_STEPS,
-        lr=3e-3,
-        warmup_steps=2,
         eval_every=3,
         eval_tokens=256,
         checkpoint_every=3,
-        log_every=1,
-        sample_every=0,
-        num_samples=0,
         hellaswag=str(HELLASWAG),
         hellaswag_every=MAX_STEPS,
         hellaswag_limit=8,  # logged at the last step
