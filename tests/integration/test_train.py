@@ -34,15 +34,6 @@ CPU = torch.device("cpu")
 T = 32
 
 
-@pytest.fixture
-def one_thread():
-    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tiny_corpus(tmp_path_factory.mktemp("data") / "embedded")
