@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_helpers import save_tiny_hf_gpt2, tokens
 
 from gpt2repro.cli import main
-from gpt2repro.config import GPTConfig
 from gpt2repro.data import read_shard, shard_paths
 from gpt2repro.errors import UserError
 from gpt2repro.initial_model import initial_model
@@ -21,26 +21,11 @@ transformers = pytest.importorskip("transformers")
 SEQ_LEN, MICRO_BATCH = 32, 4
 
 
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    fields = dict(block_size=32, n_layer=2, n_head=2, n_embd=32) | overrides
-    return GPT(GPTConfig(**fields))
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (batch, length), generator=g)
-
-
 # ---------------------------------------------------------------- starting from pretrained weights
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random GPT-2 saved by Hugging Face itself, as a fine-tuning user would download it."""
-    torch.manual_seed(1234)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
-    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
