@@ -25,3 +25,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"test data directory {SHARED_DATA} is missing (expected ../shared/data beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import SHARED_DATA
+from training_helpers import T, run_overrides, tiny_corpus
 
 from gpt2repro.checkpoint import checkpoint_path
-from gpt2repro.prepare import prepare_corpus
-from gpt2repro.sources import embedded_documents
 from gpt2repro.train import train
 
 MAX_STEPS = 6
@@ -28,28 +27,15 @@ def make_tiny_run(root: Path) -> Path:
         return _made[0]
     assert HELLASWAG.is_file(), f"test data {HELLASWAG} is missing (expected ../shared/data beside the repo)"
     data, run = root / "data", root / "run"
-    prepare_corpus(
-        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
-    overrides = dict(
-        model="gpt2-micro",
-        data=str(data),
-        out=str(run),
-        device="cpu",
-        dtype="fp32",
-        compile="false",
-        seq_len=32,
-        micro_batch=4,
-        total_batch=128,
+    tiny_corpus(data)
+    overrides = run_overrides(
+        data,
+        run,
+        total_batch=4 * T,
         max_steps=MAX_STEPS,
-        lr=3e-3,
-        warmup_steps=2,
         eval_every=3,
         eval_tokens=256,
         checkpoint_every=3,
-        log_every=1,
-        sample_every=0,
-        num_samples=0,
         hellaswag=str(HELLASWAG),
         hellaswag_every=MAX_STEPS,
         hellaswag_limit=8,  # logged at the last step

@@ -12,11 +12,21 @@ import pytest
 import torch
 
 from gpt2repro.checkpoint import latest_checkpoint, load_checkpoint
+from gpt2repro.prepare import prepare_corpus
+from gpt2repro.sources import embedded_documents
 
 T = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: same float reductions
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 GPT2REPRO = [sys.executable, "-m", "gpt2repro"]
+
+
+def tiny_corpus(data: Path) -> Path:
+    """``data``, now holding token shards of the embedded corpus's first 40,000 tokens (4,096 for val)."""
+    prepare_corpus(
+        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
+    )
+    return data
 
 
 def run_overrides(data: Path, out: Path, **extra) -> dict:

@@ -58,15 +58,6 @@ CUDA_ONLY = ["fp16 + GradScaler"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread():
-    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The doctor's token shards of the embedded corpus, prepared once for the tests that train."""

@@ -23,6 +23,7 @@ from training_helpers import (
     final_params,
     run_ok,
     run_overrides,
+    tiny_corpus,
     train_log,
 )
 
@@ -32,9 +33,7 @@ from gpt2repro.cli import main
 from gpt2repro.distributed import DistInfo
 from gpt2repro.errors import UserError
 from gpt2repro.parallel import resolve_mode
-from gpt2repro.prepare import prepare_corpus
 from gpt2repro.sharded_checkpoint import is_sharded_checkpoint
-from gpt2repro.sources import embedded_documents
 
 pytestmark = pytest.mark.slow
 HELLASWAG = SHARED_DATA / "hellaswag" / "derived-not-original" / "hellaswag_val_full.txt.bz2"
@@ -63,10 +62,7 @@ def two_ranks(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parallel")
-    data = root / "data"
-    prepare_corpus(
-        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
+    data = tiny_corpus(root / "data")
     runs = {"data": data, "single": root / "single", "fsdp": root / "fsdp", "fsdp_ac": root / "fsdp_ac"}
     run_ok([*GPT2REPRO, "train", *as_flags(run_overrides(data, runs["single"], **STEPS))])
     run_ok(

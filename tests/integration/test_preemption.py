@@ -19,12 +19,11 @@ from training_helpers import (
     final_params,
     run_ok,
     run_overrides,
+    tiny_corpus,
 )
 
 from gpt2repro.checkpoint import checkpoint_path, list_checkpoints
 from gpt2repro.preemption import EXIT_PREEMPTED, resume_command
-from gpt2repro.prepare import prepare_corpus
-from gpt2repro.sources import embedded_documents
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -36,11 +35,7 @@ RUN_2 = {**RUN, "dropout": 0.0}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("preempt") / "data"
-    prepare_corpus(
-        embedded_documents(), path, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
-    return path
+    return tiny_corpus(tmp_path_factory.mktemp("preempt") / "data")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tiny_run import HELLASWAG
+from training_helpers import T, as_flags, run_overrides, tiny_corpus
 from wandb.proto import wandb_internal_pb2
 
 from gpt2repro import plot, runtime
@@ -63,27 +64,16 @@ def tracked(tmp_path_factory):
     """6 steps with both trackers, a "crash" after step 6 (its checkpoint removed), then ``--resume``."""
     root = tmp_path_factory.mktemp("tracked")
     data, run, wandb_dir = root / "data", root / "run", root / "wandb-dir"
-    prepare_corpus(
-        embedded_documents(), data, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
+    tiny_corpus(data)
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
-    fields = dict(
-        model="gpt2-micro",
-        data=data,
-        out=run,
-        device="cpu",
-        dtype="fp32",
-        compile="false",
-        seq_len=32,
-        micro_batch=4,
-        total_batch=128,
+    fields = run_overrides(
+        data,
+        run,
+        total_batch=4 * T,
         max_steps=MAX_STEPS,
-        lr=3e-3,
-        warmup_steps=2,
         eval_every=3,
         eval_tokens=256,
         checkpoint_every=3,
-        log_every=1,
         sample_every=3,
         num_samples=2,
         sample_tokens=8,
@@ -94,7 +84,7 @@ def tracked(tmp_path_factory):
         wandb_project="gpt2repro-tests",
         wandb_run_name="tiny-tracked",
     )
-    first = train_cli([a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))], env)
+    first = train_cli(as_flags(fields), env)
     first_log = (run / "log.jsonl").read_text()
     checkpoint_path(run, MAX_STEPS).unlink()
     resumed = train_cli(["--out", str(run), "--resume"], env)

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import as_flags, assert_equal_but_isolated_rounding, run_overrides, without_key_bias
+from training_helpers import (
+    as_flags,
+    assert_equal_but_isolated_rounding,
+    run_overrides,
+    tiny_corpus,
+    without_key_bias,
+)
 
 from gpt2repro import GPT
 from gpt2repro.checkpoint import latest_checkpoint, load_checkpoint
 from gpt2repro.cli import main
-from gpt2repro.prepare import prepare_corpus
 from gpt2repro.sources import embedded_documents
 from gpt2repro.tokenizer import get_tokenizer
 from gpt2repro.train import train
@@ -29,22 +34,9 @@ CPU = torch.device("cpu")
 T = 32
 
 
-@pytest.fixture
-def one_thread():
-    """Busy shared cores make multi-threaded CPU kernels crawl; these tiny models need one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "embedded"
-    prepare_corpus(
-        embedded_documents(), path, source_name="embedded", max_tokens=40_000, val_tokens=4_096, workers=1
-    )
-    return path
+    return tiny_corpus(tmp_path_factory.mktemp("data") / "embedded")
 
 
 def micro_config(**overrides) -> TrainConfig:

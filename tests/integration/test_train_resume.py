@@ -4,7 +4,6 @@ end with parameters bit-identical to an uninterrupted run (CPU, fp32, dropout on
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import ENV, as_flags, run_overrides
 
 from gpt2repro import GPT
 from gpt2repro.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
@@ -21,7 +21,6 @@ from gpt2repro.sources import embedded_documents
 
 STEPS = 14
 HANG_AT = 9  # the checkpoint write that gets killed
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: same float reductions
 
 # Runs the real CLI, but the checkpoint write of step >= HANG_AT stops half-way (bytes already in the temp
 # file) and waits to be killed.
@@ -42,30 +41,20 @@ sys.exit(main(sys.argv[1:]))
 
 
 def train_cmd(data: Path, out: Path) -> list[str]:
-    fields = dict(
-        model="gpt2-micro",
-        data=data,
-        out=out,
-        device="cpu",
-        dtype="fp32",
-        compile="false",
-        seq_len=32,
-        micro_batch=4,
-        total_batch=256,
+    fields = run_overrides(
+        data,
+        out,
         max_steps=STEPS,
-        lr=3e-3,
         warmup_steps=3,
         dropout=0.1,
         eval_every=5,
-        eval_tokens=512,
         checkpoint_every=3,
         keep_last=2,
         sample_every=10,
         num_samples=1,
         sample_tokens=4,
-        log_every=1,
     )
-    return ["train", *[a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
+    return ["train", *as_flags(fields)]
 
 
 def logged_steps(run: Path) -> list[int]:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_helpers import save_tiny_hf_gpt2, tokens
 
 from gpt2repro.cli import main
-from gpt2repro.config import GPTConfig
 from gpt2repro.data import read_shard, shard_paths
 from gpt2repro.errors import UserError
 from gpt2repro.initial_model import initial_model
@@ -21,26 +21,11 @@ transformers = pytest.importorskip("transformers")
 SEQ_LEN, MICRO_BATCH = 32, 4
 
 
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    fields = dict(block_size=32, n_layer=2, n_head=2, n_embd=32) | overrides
-    return GPT(GPTConfig(**fields))
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (batch, length), generator=g)
-
-
 # ---------------------------------------------------------------- starting from pretrained weights
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random GPT-2 saved by Hugging Face itself, as a fine-tuning user would download it."""
-    torch.manual_seed(1234)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
-    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +122,26 @@ def _log(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def _one_batch_flags(one_batch_data) -> list[str]:
+    """``train`` flags for one fp32 micro-batch of ``one_batch_data`` a step, without evals or samples."""
+    return [
+        "--data",
+        str(one_batch_data),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        str(MICRO_BATCH),
+        "--total-batch",
+        str(MICRO_BATCH * SEQ_LEN),
+        "--dtype",
+        "fp32",
+        "--eval-every",
+        "0",
+        "--num-samples",
+        "0",
+    ]
+
+
 def test_fine_tune_through_the_cli_then_load_and_export_the_run(hf_dir, one_batch_data, tmp_path):
     run_dir = tmp_path / "ft"
     args = [
@@ -196,24 +201,7 @@ def test_fine_tune_through_the_cli_then_load_and_export_the_run(hf_dir, one_batc
 
 def test_a_run_directory_can_seed_a_new_run_at_step_0(hf_dir, one_batch_data, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = [
-        "--data",
-        str(one_batch_data),
-        "--seq-len",
-        str(SEQ_LEN),
-        "--micro-batch",
-        str(MICRO_BATCH),
-        "--total-batch",
-        str(MICRO_BATCH * SEQ_LEN),
-        "--dtype",
-        "fp32",
-        "--eval-every",
-        "0",
-        "--num-samples",
-        "0",
-        "--lr",
-        "3e-3",
-    ]
+    common = [*_one_batch_flags(one_batch_data), "--lr", "3e-3"]
     assert (
         main(
             [
@@ -296,26 +284,7 @@ def test_resuming_a_fine_tune_does_not_need_the_init_source_any_more(hf_dir, one
     source = tmp_path / "downloaded"
     shutil.copytree(hf_dir, source)
     run = tmp_path / "run"
-    common = [
-        "--data",
-        str(one_batch_data),
-        "--seq-len",
-        str(SEQ_LEN),
-        "--micro-batch",
-        str(MICRO_BATCH),
-        "--total-batch",
-        str(MICRO_BATCH * SEQ_LEN),
-        "--dtype",
-        "fp32",
-        "--eval-every",
-        "0",
-        "--num-samples",
-        "0",
-        "--checkpoint-every",
-        "1",
-        "--out",
-        str(run),
-    ]
+    common = [*_one_batch_flags(one_batch_data), "--checkpoint-every", "1", "--out", str(run)]
     first = ["train", "--preset", "finetune", "--init-from", str(source), "--max-steps", "1"]
     assert main([*first, *common]) == 0
     shutil.rmtree(source)

@@ -6,21 +6,10 @@ import copy
 
 import pytest
 import torch
+from model_helpers import tiny_model, tokens
 
-from gpt2repro.config import GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    fields = dict(block_size=32, n_layer=2, n_head=2, n_embd=32) | overrides
-    return GPT(GPTConfig(**fields))
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (batch, length), generator=g)
 
 
 # ---------------------------------------------------------------- context cropping

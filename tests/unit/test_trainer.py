@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import save_tiny_hf_gpt2, tokens
 
 from gpt2repro.train_config import TrainConfig
 
@@ -15,16 +16,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A random GPT-2 saved by Hugging Face itself, as a fine-tuning user would download it."""
-    torch.manual_seed(1234)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
-    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50257, (batch, length), generator=g)
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf"))
 
 
 # ---------------------------------------------------------------- fp16 loss scaling (the trainer's step)
