@@ -66,8 +66,35 @@ def init(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        store = _attempt_store(info)
+        if store is not None:
+            kwargs.update(store=store, rank=info.rank, world_size=info.world_size)
         dist.init_process_group(backend=backend, **kwargs)
     return info, device
+
+
+def _attempt_store(info: DistInfo) -> dist.Store | None:
+    """torchrun's store, in a namespace of this restart's own, when torchrun shares its store.
+
+    torchrun (``--max-restarts``) keeps one store for all the attempts of a run, and the workers of a
+    restart then read the previous attempt's keys: gloo connects to the dead ranks' addresses
+    (``connectFullMesh ... Connection refused``) or never pairs (a hang until the 30-minute timeout),
+    NCCL gets the previous unique id (pytorch/pytorch#135712). Every rank of an attempt has the same
+    ``TORCHELASTIC_RESTART_COUNT`` while the nodes restart together; a run whose nodes join at
+    different times should set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (then this returns None).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        info.world_size,
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return dist.PrefixStore(f"gpt2repro/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 # How long teardown releases the GIL so that the groups' worker threads can drop their finished work.

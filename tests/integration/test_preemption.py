@@ -128,12 +128,6 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank(data, uninterrupted
     assert_same_parameters(final_params(out), final_params(uninterrupted_without_dropout), atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="restarted gloo groups fail or hang in init_process_group before their first step (CI: "
-    "connectFullMesh 'Connection refused'; 2026-12-02: both ranks of restart 2 listening, never paired, "
-    "in gloo Pair::waitUntilConnected); run by hand it restarts and finishes",
-)
 def test_elastic_restart_after_a_worker_is_killed(data, uninterrupted_without_dropout, tmp_path):
     """torchrun --max-restarts: a SIGKILLed worker takes the group down, torchrun starts it again, and
     --resume auto continues from the newest complete checkpoint to the end."""
