@@ -177,6 +177,8 @@ class CalibrationCache:
 
     A choice measured while the machine is overloaded stays in this process only: the next process
     measures again rather than inherit timings that said more about the other programs than the CPU.
+    So does one that ``persist`` says is a close call: cloud hosts that report the same CPU model differ
+    in memory bandwidth, and a near tie on one host was a 19% loss on another.
     """
 
     def __init__(self) -> None:
@@ -189,24 +191,29 @@ class CalibrationCache:
     def path(self) -> Path:
         return cache_root() / "kernels" / f"{cpu_identity().key}.json"
 
-    def lookup(self, key: str, cls: type[T], measure: Callable[[], T]) -> T:
-        """The cached ``cls`` for ``key``, else ``measure()`` (then cached in memory and on disk)."""
+    def lookup(
+        self, key: str, cls: type[T], measure: Callable[[], T], persist: Callable[[T], bool] | None = None
+    ) -> T:
+        """The cached ``cls`` for ``key``, else ``measure()`` (then cached in memory, and on disk unless
+        ``persist(value)`` is false)."""
         if key in self._memory:
             return self._memory[key]  # type: ignore[return-value]
+        keep = persist or (lambda value: True)
         use_disk = os.environ.get(KERNEL_CACHE_ENV, "1") != "0"
-        entries = self._read() if use_disk else {}
-        value = None
-        if key in entries:
-            try:
-                value = cls(**entries[key])
-            except TypeError:  # written by another version of this code: measure again
-                value = None
+        value = self._from_disk(key, cls, keep) if use_disk else None
         if value is None:
             value = measure()
-            if use_disk and not machine_overloaded():
+            if use_disk and not machine_overloaded() and keep(value):
                 self._write({**self._read(), key: dataclasses.asdict(value)})
         self._memory[key] = value
         return value
+
+    def _from_disk(self, key: str, cls: type[T], keep: Callable[[T], bool]) -> T | None:
+        try:
+            value = cls(**self._read()[key])
+        except (KeyError, TypeError):  # not measured yet, or written by another version of this code
+            return None
+        return value if keep(value) else None  # a close call an older version wrote: measure here
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -240,6 +247,7 @@ MAX_DECODE_ROWS = 4  # beyond a few rows the product is a GEMM again and MKL's o
 DECODE_KERNELS = ("linear", "bmm")
 _ROUNDS, _MIN_ROUNDS, _ROUND_BUDGET_S = 5, 3, 1.0
 _MARGIN = 0.05  # bmm must win by this much: F.linear is the default, and the safe one on unknown CPUs
+_CLEAR_CUT = 0.15  # a choice is written to disk only when one kernel wins by this much (see CalibrationCache)
 _POOL_MAX_COPIES = 32  # enough to overflow a 32 MiB L3 with a 768x768 fp32 weight; more calls cost time
 
 
@@ -279,6 +287,10 @@ class DecodeChoice:
     kernel: str
     linear_us: float
     bmm_us: float
+
+    def clear_cut(self) -> bool:
+        """One kernel is faster by ``_CLEAR_CUT``: worth remembering for other processes on this CPU."""
+        return min(self.linear_us, self.bmm_us) < (1 - _CLEAR_CUT) * max(self.linear_us, self.bmm_us)
 
 
 def _bucket(n: int) -> int:
@@ -358,7 +370,8 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
     if forced != "auto":
         raise UserError(f"{DECODE_KERNEL_ENV}={forced!r} is not a decode kernel; use auto, linear or bmm")
     key = decode_shape_class(weight, rows, has_bias)
-    return CALIBRATIONS.lookup(key, DecodeChoice, lambda: calibrate_decode(weight, rows, has_bias)).kernel
+    measure = functools.partial(calibrate_decode, weight, rows, has_bias)
+    return CALIBRATIONS.lookup(key, DecodeChoice, measure, persist=DecodeChoice.clear_cut).kernel
 
 
 class Linear(nn.Linear):

@@ -122,6 +122,33 @@ def test_calibration_cache_round_trip_on_disk(fresh_cache, tmp_path):
     assert len(calls) == 1
 
 
+def test_close_calls_are_measured_again_by_each_process(fresh_cache, monkeypatch):
+    """Only a clear-cut choice goes to disk; a close call on disk (an older version) is measured again."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
+    close, clear = DecodeChoice("linear", 100.0, 97.0), DecodeChoice("bmm", 100.0, 60.0)
+    assert not close.clear_cut() and clear.clear_cut()
+    measured = []
+
+    def calibrate(weight, rows, bias):
+        measured.append(rows)
+        return close if rows == 1 else clear
+
+    monkeypatch.setattr(kernels, "calibrate_decode", calibrate)
+    weight = torch.zeros(64, 32)
+    for _process in range(2):  # a new process: a fresh memory over the same disk
+        fresh_cache.clear_memory()
+        assert kernels.decode_kernel(weight, 1, True) == "linear"
+        assert kernels.decode_kernel(weight, 2, True) == "bmm"
+    assert measured == [1, 2, 1]
+    entries = json.loads(fresh_cache.path.read_text())["entries"]
+    assert [key.split("/")[4] for key in entries] == ["rows2"]
+    close_key = kernels.decode_shape_class(weight, 1, True)
+    fresh_cache._write({**entries, close_key: {"kernel": "linear", "linear_us": 100.0, "bmm_us": 99.0}})
+    fresh_cache.clear_memory()
+    kernels.decode_kernel(weight, 1, True)
+    assert measured == [1, 2, 1, 1]
+
+
 def test_cache_is_keyed_by_cpu_identity(fresh_cache, monkeypatch):
     """Another ISA (ATEN_CPU_CAPABILITY & co.) or torch version is another file: measured again."""
     fresh_cache.lookup("decode/x", DecodeChoice, lambda: DecodeChoice("bmm", 2.0, 1.0))
