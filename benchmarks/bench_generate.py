@@ -12,7 +12,9 @@ memory traffic; ``--threads 1`` measures the loops themselves.
 Decoding one token reads every weight once, so its ceiling is memory bandwidth: the bench also measures
 an fp32 GEMV of the LM head's shape (F.linear and the row-block bmm of gpt2repro.kernels, best of 5) and
 prints our decode's weight traffic as a % of the faster of the two, and as a % of a stream of 16
-back-to-back products of that kernel timed right before the decode run it is compared with. The decode
+back-to-back products of that kernel timed right before the decode run it is compared with. It also
+times one step's own products alone (each of the model's Linears called on one row, back to back, with
+nothing in between): what a decode step would cost if everything but its GEMVs were free. The decode
 kernel of each shape is chosen by calibration (logged); ``GPT2REPRO_DECODE_KERNEL=linear|bmm`` forces one.
 """
 
@@ -30,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from gpt2repro import GPT
-from gpt2repro.kernels import describe_cpu, linear_by_row_blocks
+from gpt2repro.kernels import Linear, describe_cpu, linear_by_row_blocks
 from gpt2repro.tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"
@@ -71,6 +73,21 @@ def gemv_stream_bandwidth(weight: torch.Tensor, kernel: str, calls: int = 16) ->
     with torch.inference_mode():
         t, _ = timed(lambda: [product(x, weight, None) for _ in range(calls)])
     return weight.numel() * weight.element_size() * calls / t / 1e9
+
+
+def products_alone_seconds(model: GPT, repeats: int = 3) -> float:
+    """Seconds of a decode step's Linear calls alone: every Linear of the model on one row, back to back
+    (best of ``repeats``), with the kernels the model chose. The GEMV floor of one step."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    rows = [torch.randn(1, 1, layer.in_features) for layer in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for layer, x in zip(linears, rows, strict=True):
+                layer(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def weight_bytes_per_token(model: GPT) -> int:
@@ -138,9 +155,10 @@ def main() -> None:
     t_ours = t_hf = float("inf")
     for _ in range(args.repeats):
         stream = gemv_stream_bandwidth(ours.lm_head.weight.detach(), faster)
+        alone = products_alone_seconds(ours)
         t, out_ours = timed(run_ours)
         if t < t_ours:
-            t_ours, stream_then = t, stream
+            t_ours, stream_then, alone_then = t, stream, alone
         t, out_hf = timed(run_hf)
         t_hf = min(t_hf, t)
     rows = [("gpt2repro (KV cache)", t_ours), ("HF generate (use_cache)", t_hf)]
@@ -159,6 +177,13 @@ def main() -> None:
         f"the best fp32 GEMV bandwidth ({best_gemv:.1f} GB/s, best single product of 5), "
         f"{decode_gbs / stream_then:.0%} of a {faster} GEMV stream timed just before that decode run "
         f"({stream_then:.1f} GB/s); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    step_ms = t_ours / n * 1e3
+    n_linears = sum(isinstance(m, Linear) for m in ours.modules())
+    print(
+        f"one decode step {step_ms:.1f} ms (prefill included); its {n_linears} Linear calls alone, "
+        f"back to back: {alone_then * 1e3:.1f} ms = {alone_then * 1e3 / step_ms:.0%} "
+        f"of the step ({weight_bytes_per_token(ours) / alone_then / 1e9:.1f} GB/s)"
     )
 
 

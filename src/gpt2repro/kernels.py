@@ -8,6 +8,8 @@ short calibration at first use: the candidates run interleaved, best of several 
 stream from memory as a real model's do. The result is cached for the process and on disk under
 ``hub.cache_root() / "kernels"``, one JSON file per CPU identity (model, torch version, the ISA torch and
 its libraries were allowed: ``ATEN_CPU_CAPABILITY`` & co.), one entry per shape class and thread count.
+Cloud hosts that report the same CPU model still differ, so a close call is not written (each process
+measures it), and a cached figure can be re-checked before use (the CPU peak: perf.recheck_peak).
 
 Environment: ``GPT2REPRO_DECODE_KERNEL=auto|bmm|linear`` forces the decode kernel (no calibration);
 ``GPT2REPRO_KERNEL_CACHE=0`` neither reads nor writes the disk cache (measure afresh in each process).
@@ -105,6 +107,16 @@ def cpu_identity() -> CpuIdentity:
     )
 
 
+@functools.cache
+def boot_id() -> str:
+    """This boot of this machine (Linux), "" where unknown: a cached timing taken under another boot id
+    may come from another host that reports the same CPU model (cloud VMs), so it is checked again."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def load_average() -> tuple[float, float, float]:
     """The 1, 5 and 15-minute load averages; NaN where the OS has none (Windows)."""
     try:
@@ -177,8 +189,9 @@ class CalibrationCache:
 
     A choice measured while the machine is overloaded stays in this process only: the next process
     measures again rather than inherit timings that said more about the other programs than the CPU.
-    So does one that ``persist`` says is a close call: cloud hosts that report the same CPU model differ
-    in memory bandwidth, and a near tie on one host was a 19% loss on another.
+    So does one that ``persist`` says is a close call, and a disk entry that ``recheck`` rejects here is
+    measured again: cloud hosts that report the same CPU model differ (memory bandwidth, clocks), and
+    a near tie on one host was a 19% loss on another.
     """
 
     def __init__(self) -> None:
@@ -192,28 +205,39 @@ class CalibrationCache:
         return cache_root() / "kernels" / f"{cpu_identity().key}.json"
 
     def lookup(
-        self, key: str, cls: type[T], measure: Callable[[], T], persist: Callable[[T], bool] | None = None
+        self,
+        key: str,
+        cls: type[T],
+        measure: Callable[[], T],
+        *,
+        persist: Callable[[T], bool] | None = None,
+        recheck: Callable[[T], T | None] | None = None,
     ) -> T:
-        """The cached ``cls`` for ``key``, else ``measure()`` (then cached in memory, and on disk unless
-        ``persist(value)`` is false)."""
+        """The cached ``cls`` for ``key``, else ``measure()``, kept in memory and on disk.
+
+        ``recheck(disk_value)`` returns the value to use (written back if it changed), or None to measure
+        again; a measured value is written only if ``persist(value)`` holds."""
         if key in self._memory:
             return self._memory[key]  # type: ignore[return-value]
-        keep = persist or (lambda value: True)
         use_disk = os.environ.get(KERNEL_CACHE_ENV, "1") != "0"
-        value = self._from_disk(key, cls, keep) if use_disk else None
+        value = self._from_disk(key, cls) if use_disk else None
+        if value is not None and recheck is not None:
+            checked = recheck(value)
+            if checked is not None and checked != value and not machine_overloaded():
+                self._write({**self._read(), key: dataclasses.asdict(checked)})
+            value = checked
         if value is None:
             value = measure()
-            if use_disk and not machine_overloaded() and keep(value):
+            if use_disk and not machine_overloaded() and (persist is None or persist(value)):
                 self._write({**self._read(), key: dataclasses.asdict(value)})
         self._memory[key] = value
         return value
 
-    def _from_disk(self, key: str, cls: type[T], keep: Callable[[T], bool]) -> T | None:
+    def _from_disk(self, key: str, cls: type[T]) -> T | None:
         try:
-            value = cls(**self._read()[key])
+            return cls(**self._read()[key])
         except (KeyError, TypeError):  # not measured yet, or written by another version of this code
             return None
-        return value if keep(value) else None  # a close call an older version wrote: measure here
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -371,7 +395,14 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
         raise UserError(f"{DECODE_KERNEL_ENV}={forced!r} is not a decode kernel; use auto, linear or bmm")
     key = decode_shape_class(weight, rows, has_bias)
     measure = functools.partial(calibrate_decode, weight, rows, has_bias)
-    return CALIBRATIONS.lookup(key, DecodeChoice, measure, persist=DecodeChoice.clear_cut).kernel
+    choice = CALIBRATIONS.lookup(
+        key, DecodeChoice, measure, persist=DecodeChoice.clear_cut, recheck=_clear_cut_or_none
+    )
+    return choice.kernel
+
+
+def _clear_cut_or_none(choice: DecodeChoice) -> DecodeChoice | None:
+    return choice if choice.clear_cut() else None  # a close call that older versions wrote: measure here
 
 
 class Linear(nn.Linear):

@@ -9,6 +9,7 @@ reaches".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.config import GPTConfig
-from gpt2repro.kernels import CALIBRATIONS, best_interleaved, load_average
+from gpt2repro.kernels import CALIBRATIONS, best_interleaved, boot_id, load_average
 
 log = logging.getLogger("gpt2repro")
 
@@ -78,6 +79,7 @@ class CpuPeak:
     sizes_tried: list[int]
     load_average: float  # 1-minute load average while measuring
     layout: str  # the faster of LAYOUTS on this CPU
+    boot_id: str = ""  # kernels.boot_id() when measured ("" in entries older than this field)
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
@@ -93,6 +95,7 @@ _PEAK_BUDGET_S = 5.0  # a larger size is tried only if its predicted cost fits i
 _SATURATED = 1.05  # a size that gains less than 5% over the half size has saturated the kernel
 _MIN_PEAK_SIZE = 1024  # smaller sizes only predict the cost of larger ones (see measure_cpu_peak)
 _MIN_SAMPLE_S = 0.02  # small matmuls are timed in groups, so a sample is not all timer resolution
+_PROBE_REPEATS, _PROBE_RANGE = 3, (0.75, 1.10)  # checking a cached peak: see recheck_peak
 _WARMUP_S = 0.1  # thread pool, primitive creation, AMX tile set-up and clocks settle in the first calls
 
 
@@ -133,17 +136,18 @@ def _time_one(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def best_matmul_flops(
-    n: int, dtype: torch.dtype, deadline: float = math.inf, layout: str = "a@b"
+    n: int, dtype: torch.dtype, deadline: float = math.inf, layout: str = "a@b", min_repeats: int = 0
 ) -> MatmulTiming:
-    """The best of at least 5 samples of a warmed n x n x n matmul; more while samples keep improving
-    (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
+    """The best of at least 5 (``min_repeats``) samples of a warmed n x n x n matmul; more while samples
+    keep improving (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
+    min_repeats = min_repeats or _MIN_REPEATS
     a, b = _operands(n, dtype, layout)
     start, calls, last = time.perf_counter(), 0, 0.0
     while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
         last, calls = _time_one(a, b), calls + 1
     group = 1 + int(_MIN_SAMPLE_S / max(last, 1e-6))
     best, samples, since_best = math.inf, 0, 0
-    while samples < _MIN_REPEATS or (
+    while samples < min_repeats or (
         since_best < _PATIENCE and samples < _MAX_REPEATS and time.perf_counter() < deadline
     ):
         t0 = time.perf_counter()
@@ -188,6 +192,7 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
         [t.n for t in timings],
         load_average()[0],
         layout,
+        boot_id(),
     )
     log.info(
         "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
@@ -199,10 +204,35 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     return peak
 
 
+def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
+    """A cached peak, checked against this machine: None (measure again) if it is not this machine's.
+
+    Cloud hosts that report the same CPU model differ: an fp32 peak of 0.131 TFLOP/s cached on one put
+    MFU at 121% on the next. Under the boot id it was measured in, it is this machine's. Otherwise a short
+    probe (best of 3 warmed matmuls of the peak's size and layout) must land between 25% below and 10%
+    above it; then it is kept, under this boot id (the next process trusts it without a probe).
+    """
+    if peak.boot_id and peak.boot_id == boot_id():
+        return peak
+    dtype = torch.bfloat16 if peak.dtype == "bf16" else torch.float32
+    probe = best_matmul_flops(peak.size, dtype, 0.0, peak.layout, min_repeats=_PROBE_REPEATS)
+    low, high = _PROBE_RANGE
+    if low * peak.flops <= probe.flops <= high * peak.flops:
+        return dataclasses.replace(peak, boot_id=boot_id())
+    log.info(
+        "cached CPU %s peak %.3f TFLOP/s is not this machine's (probe: %.3f): measuring it again",
+        peak.dtype,
+        peak.flops / 1e12,
+        probe.flops / 1e12,
+    )
+    return None
+
+
 def cpu_peak(dtype: str) -> CpuPeak:
-    """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk."""
+    """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk (a disk
+    entry from another boot is checked by a short probe: see ``recheck_peak``)."""
     key = f"peak/{dtype}/threads{torch.get_num_threads()}/layouts"  # "/layouts": not the a@b-only peaks
-    return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype))
+    return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype), recheck=recheck_peak)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def fixed_rates(monkeypatch):
     """Replace the matmul timings by a table: the size logic is tested apart from the machine."""
 
     def install(rates: dict[int, float], calls: list | None = None) -> None:
-        def fake(n, dtype, deadline, layout):
+        def fake(n, dtype, deadline, layout, min_repeats=0):
             if calls is not None:
                 calls.append(n)
             return timing(n, rates[n])
@@ -160,6 +160,30 @@ def test_cpu_peak_is_cached_on_disk(fresh_cache, fixed_rates):
     fresh_cache.clear_memory()
     assert perf.cpu_peak("fp32") == first and len(calls) == measured
     assert f"peak/fp32/threads{torch.get_num_threads()}" in fresh_cache.path.read_text()
+
+
+def test_a_peak_cached_under_another_boot_is_probed_and_measured_again_if_wrong(
+    fresh_cache, fixed_rates, monkeypatch
+):
+    """Same boot: trusted as is. Another boot: a probe near the peak keeps it (rewritten under this boot);
+    a probe above it (an entry from a slower host, where MFU would top 100%) measures the peak again."""
+    calls = []
+    fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1e12), calls)
+    first = perf.cpu_peak("fp32")
+    assert first.boot_id == kernels.boot_id() and first.boot_id
+    measured = len(calls)
+    fresh_cache.clear_memory()
+    assert perf.cpu_peak("fp32") == first and len(calls) == measured  # same boot: no probe
+    monkeypatch.setattr(perf, "boot_id", lambda: "another-boot")
+    for _process in range(2):
+        fresh_cache.clear_memory()
+        kept = perf.cpu_peak("fp32")
+        assert (kept.flops, kept.boot_id) == (first.flops, "another-boot")
+    assert calls[measured:] == [first.size]  # one probe of the peak's size; then the rewritten entry
+    fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1.5e12), calls)
+    monkeypatch.setattr(perf, "boot_id", lambda: "a-faster-host")
+    fresh_cache.clear_memory()
+    assert perf.cpu_peak("fp32").flops == 1.5e12 and len(calls) > measured + 2
 
 
 def test_flops_per_token_is_the_hand_count_for_gpt2():
