@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from gpt2repro import GPT
-from gpt2repro.kernels import Linear, describe_cpu, linear_by_row_blocks
+from gpt2repro.kernels import Linear, best_interleaved, describe_cpu, linear_by_row_blocks
 from gpt2repro.tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"
@@ -78,16 +78,13 @@ def gemv_stream_bandwidth(weight: torch.Tensor, kernel: str, calls: int = 16) ->
 def products_alone_seconds(model: GPT, repeats: int = 3) -> float:
     """Seconds of a decode step's Linear calls alone: every Linear of the model on one row, back to back
     (best of ``repeats``), with the kernels the model chose. The GEMV floor of one step."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    rows = [torch.randn(1, 1, layer.in_features) for layer in linears]
-    best = float("inf")
+    calls = [
+        (layer, torch.randn(1, 1, layer.in_features))
+        for layer in model.modules()
+        if isinstance(layer, Linear)
+    ]
     with torch.inference_mode():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for layer, x in zip(linears, rows, strict=True):
-                layer(x)
-            best = min(best, time.perf_counter() - t0)
-    return best
+        return best_interleaved({"alone": lambda: [layer(x) for layer, x in calls]}, repeats)["alone"]
 
 
 def weight_bytes_per_token(model: GPT) -> int:
@@ -171,7 +168,8 @@ def main() -> None:
         print(f"{name:26s} {n / t:8.1f} tokens/s  ({t:.2f} s)")
     no_cache = f"   vs no cache: {rows[2][1] / t_ours:.2f}x" if len(rows) > 2 else ""
     print(f"speed-up vs HF generate: {t_hf / t_ours:.2f}x{no_cache}   identical tokens: {same}")
-    decode_gbs, best_gemv = weight_bytes_per_token(ours) * n / t_ours / 1e9, max(gemv.values())
+    weight_bytes = weight_bytes_per_token(ours)
+    decode_gbs, best_gemv = weight_bytes * n / t_ours / 1e9, max(gemv.values())
     print(
         f"our decode streams the weights at {decode_gbs:.1f} GB/s = {decode_gbs / best_gemv:.0%} of "
         f"the best fp32 GEMV bandwidth ({best_gemv:.1f} GB/s, best single product of 5), "
@@ -183,7 +181,7 @@ def main() -> None:
     print(
         f"one decode step {step_ms:.1f} ms (prefill included); its {n_linears} Linear calls alone, "
         f"back to back: {alone_then * 1e3:.1f} ms = {alone_then * 1e3 / step_ms:.0%} "
-        f"of the step ({weight_bytes_per_token(ours) / alone_then / 1e9:.1f} GB/s)"
+        f"of the step ({weight_bytes / alone_then / 1e9:.1f} GB/s)"
     )
 
 

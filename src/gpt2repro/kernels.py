@@ -189,9 +189,9 @@ class CalibrationCache:
 
     A choice measured while the machine is overloaded stays in this process only: the next process
     measures again rather than inherit timings that said more about the other programs than the CPU.
-    So does one that ``persist`` says is a close call, and a disk entry that ``recheck`` rejects here is
-    measured again: cloud hosts that report the same CPU model differ (memory bandwidth, clocks), and
-    a near tie on one host was a 19% loss on another.
+    So does one that ``persist`` rejects (a close call), and a disk entry that ``persist`` or ``recheck``
+    rejects here is measured again: cloud hosts that report the same CPU model differ (memory bandwidth,
+    clocks), and a near tie on one host was a 19% loss on another.
     """
 
     def __init__(self) -> None:
@@ -215,23 +215,31 @@ class CalibrationCache:
     ) -> T:
         """The cached ``cls`` for ``key``, else ``measure()``, kept in memory and on disk.
 
-        ``recheck(disk_value)`` returns the value to use (written back if it changed), or None to measure
-        again; a measured value is written only if ``persist(value)`` holds."""
+        Only values that ``persist(value)`` accepts are written to disk or read from it (an entry an older
+        version wrote may not pass); ``recheck(disk_value)`` returns the value to use (written back if it
+        changed), or None to measure again."""
         if key in self._memory:
             return self._memory[key]  # type: ignore[return-value]
+        keep = persist or (lambda value: True)
         use_disk = os.environ.get(KERNEL_CACHE_ENV, "1") != "0"
         value = self._from_disk(key, cls) if use_disk else None
+        if value is not None and not keep(value):
+            value = None
         if value is not None and recheck is not None:
             checked = recheck(value)
-            if checked is not None and checked != value and not machine_overloaded():
-                self._write({**self._read(), key: dataclasses.asdict(checked)})
+            if checked is not None and checked != value:
+                self._store(key, checked)
             value = checked
         if value is None:
             value = measure()
-            if use_disk and not machine_overloaded() and (persist is None or persist(value)):
-                self._write({**self._read(), key: dataclasses.asdict(value)})
+            if use_disk and keep(value):
+                self._store(key, value)
         self._memory[key] = value
         return value
+
+    def _store(self, key: str, value: object) -> None:
+        if not machine_overloaded():  # a figure taken under load stays in this process
+            self._write({**self._read(), key: dataclasses.asdict(value)})  # type: ignore[arg-type]
 
     def _from_disk(self, key: str, cls: type[T]) -> T | None:
         try:
@@ -395,14 +403,7 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
         raise UserError(f"{DECODE_KERNEL_ENV}={forced!r} is not a decode kernel; use auto, linear or bmm")
     key = decode_shape_class(weight, rows, has_bias)
     measure = functools.partial(calibrate_decode, weight, rows, has_bias)
-    choice = CALIBRATIONS.lookup(
-        key, DecodeChoice, measure, persist=DecodeChoice.clear_cut, recheck=_clear_cut_or_none
-    )
-    return choice.kernel
-
-
-def _clear_cut_or_none(choice: DecodeChoice) -> DecodeChoice | None:
-    return choice if choice.clear_cut() else None  # a close call that older versions wrote: measure here
+    return CALIBRATIONS.lookup(key, DecodeChoice, measure, persist=DecodeChoice.clear_cut).kernel
 
 
 class Linear(nn.Linear):

@@ -136,11 +136,14 @@ def _time_one(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def best_matmul_flops(
-    n: int, dtype: torch.dtype, deadline: float = math.inf, layout: str = "a@b", min_repeats: int = 0
+    n: int,
+    dtype: torch.dtype,
+    deadline: float = math.inf,
+    layout: str = "a@b",
+    min_repeats: int = _MIN_REPEATS,
 ) -> MatmulTiming:
     """The best of at least 5 (``min_repeats``) samples of a warmed n x n x n matmul; more while samples
     keep improving (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
-    min_repeats = min_repeats or _MIN_REPEATS
     a, b = _operands(n, dtype, layout)
     start, calls, last = time.perf_counter(), 0, 0.0
     while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
@@ -161,6 +164,10 @@ def best_matmul_flops(
     return MatmulTiming(n, 2.0 * n**3 / best, best, samples)
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def measure_cpu_peak(dtype: str) -> CpuPeak:
     """Grow the matmul until the kernel saturates (or the time budget ends); the best rate is the peak.
 
@@ -169,7 +176,7 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     overhead on most CPUs, and where it runs from cache it outruns every training matmul: on the AMD
     EPYC this was written on, MKL's fp32 256^3 reached twice its 2048^3 rate, and unreliably so.
     """
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch_dtype = _torch_dtype(dtype)
     start = time.perf_counter()
     layout = fastest_layout(torch_dtype)
     deadline = start + _PEAK_BUDGET_S
@@ -214,8 +221,7 @@ def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
     """
     if peak.boot_id and peak.boot_id == boot_id():
         return peak
-    dtype = torch.bfloat16 if peak.dtype == "bf16" else torch.float32
-    probe = best_matmul_flops(peak.size, dtype, 0.0, peak.layout, min_repeats=_PROBE_REPEATS)
+    probe = best_matmul_flops(peak.size, _torch_dtype(peak.dtype), 0.0, peak.layout, _PROBE_REPEATS)
     low, high = _PROBE_RANGE
     if low * peak.flops <= probe.flops <= high * peak.flops:
         return dataclasses.replace(peak, boot_id=boot_id())
