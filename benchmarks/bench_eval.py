@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2repro.calibration import describe_cpu
 from gpt2repro.config import GPTConfig
 from gpt2repro.evals.hellaswag import candidate_tokens, load_hellaswag, score_hellaswag
 from gpt2repro.evals.scoring import EvalSetup
-from gpt2repro.kernels import describe_cpu
 from gpt2repro.model import GPT
 from gpt2repro.runtime import autocast
 

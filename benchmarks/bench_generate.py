@@ -32,7 +32,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from gpt2repro import GPT
-from gpt2repro.kernels import Linear, best_interleaved, describe_cpu, linear_by_row_blocks
+from gpt2repro.calibration import best_interleaved, describe_cpu
+from gpt2repro.kernels import Linear, linear_by_row_blocks
 from gpt2repro.tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"

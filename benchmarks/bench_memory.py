@@ -138,7 +138,7 @@ def main() -> None:
         print(json.dumps(measure(args, checkpointing=args.child == "1")))
         return
 
-    from gpt2repro.kernels import describe_cpu
+    from gpt2repro.calibration import describe_cpu
 
     print(describe_cpu())
     print(

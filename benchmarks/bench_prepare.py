@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2repro.calibration import describe_cpu
 from gpt2repro.config import EOT_TOKEN_ID
-from gpt2repro.kernels import describe_cpu
 from gpt2repro.prepare import available_cores, prepare_corpus
 from gpt2repro.sources import file_documents
 from gpt2repro.tokenizer import get_tokenizer

@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from gpt2repro.calibration import describe_cpu
 from gpt2repro.config import GPTConfig
-from gpt2repro.kernels import describe_cpu
 from gpt2repro.optim import make_optimizer
 from gpt2repro.perf import flops_per_token, peak_flops
 from gpt2repro.runtime import autocast, parse_dtype, pick_device

@@ -34,3 +34,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty calibration cache under tmp_path (kernel choices and the CPU peak), on a machine that
+    counts as quiet (entries get written)."""
+    from gpt2repro import calibration, perf
+
+    monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path))
+    monkeypatch.delenv(calibration.KERNEL_CACHE_ENV, raising=False)
+    monkeypatch.setattr(calibration, "machine_overloaded", lambda: False)
+    cache = calibration.CalibrationCache()
+    monkeypatch.setattr(calibration, "CALIBRATIONS", cache)
+    monkeypatch.setattr(perf, "CALIBRATIONS", cache)
+    return cache

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt2repro.config import ATTENTION_BACKENDS, GPTConfig
 from gpt2repro.errors import UserError
-from gpt2repro.kernels import Linear
+from gpt2repro.kernels import Linear, scaled_dot_product_attention
 from gpt2repro.loss import cross_entropy
 
 
@@ -91,13 +91,13 @@ class CausalSelfAttention(nn.Module):
     def _sdpa(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         t_q, t_k = q.shape[2], k.shape[2]
         if mask is not None:  # the caller's own mask replaces the causal one
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if past == 0:  # training and prefill: the fused kernels' own causal mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            return scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         if t_q == 1:  # decoding one token: it sees every cached position
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         mask = self._causal_mask(t_q, t_k, past, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _explicit(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))

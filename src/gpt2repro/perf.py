@@ -3,7 +3,7 @@
 GPUs: a table of dense (no 2:4 sparsity) tensor-core peaks by product name and dtype. CPUs: a peak
 *measured* the way a benchmark would (warmed, best of several, at a size that saturates the dtype's
 kernel), because CPU peaks vary too much (cores, AVX-512, AMX, clocks) for a table; it is measured once
-and cached like the kernel choices (gpt2repro.kernels). MFU on CPU is "fraction of what a large matmul
+and cached like the kernel choices (gpt2repro.calibration). MFU on CPU is "fraction of what a large matmul
 reaches".
 """
 
@@ -14,13 +14,14 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from gpt2repro.calibration import CALIBRATIONS, best_interleaved, boot_id, load_average
 from gpt2repro.config import GPTConfig
-from gpt2repro.kernels import CALIBRATIONS, best_interleaved, boot_id, load_average
 
 log = logging.getLogger("gpt2repro")
 
@@ -78,8 +79,8 @@ class CpuPeak:
     threads: int
     sizes_tried: list[int]
     load_average: float  # 1-minute load average while measuring
-    layout: str  # the faster of LAYOUTS on this CPU
-    boot_id: str = ""  # kernels.boot_id() when measured ("" in entries older than this field)
+    layout: str  # the fastest of layouts(dtype) on this CPU
+    boot_id: str = ""  # calibration.boot_id() when measured ("" in entries older than this field)
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
@@ -109,29 +110,44 @@ class MatmulTiming:
 
 # The two operand layouts a model multiplies in: a @ b (attention, bmm) and a @ b.T (nn.Linear's weight).
 # One library may run them through different kernels: torch 2.13's bf16 a @ b took a 1.3 GFLOP/s
-# fallback on an AVX2-only AMD EPYC, where a @ b.T went through oneDNN at 20 GFLOP/s.
+# fallback on an AVX2-only AMD EPYC, where a @ b.T went through oneDNN at 20 GFLOP/s. bf16 has a third
+# candidate: a @ b.T computed in fp32 on the bf16 operands and rounded to bf16, the kernel
+# gpt2repro.kernels runs bf16 products with where it is faster (CPUs without native bf16, 0.16 TFLOP/s
+# there): the bf16 peak is what the fastest of them reaches.
 LAYOUTS = ("a@b", "a@b.T")
+IN_FP32 = "a@b.T in fp32"
+
+
+def layouts(dtype: torch.dtype) -> tuple[str, ...]:
+    return LAYOUTS + ((IN_FP32,) if dtype == torch.bfloat16 else ())
 
 
 def _operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout draws from it
     a = torch.rand(n, n, generator=gen).to(dtype)
     b = torch.rand(n, n, generator=gen).to(dtype)
-    return a, (b.t() if layout == "a@b.T" else b)
+    return a, (b if layout == "a@b" else b.t())
+
+
+def _mm_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a.float(), b.float()).bfloat16()
+
+
+def _product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return _mm_in_fp32 if layout == IN_FP32 else torch.mm
 
 
 def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
-    """The operand layout whose ``dtype`` matmul is faster here (best of 2 after one warm-up call)."""
-    operands = {layout: _operands(n, dtype, layout) for layout in LAYOUTS}
+    """The operand layout (or kernel) whose ``dtype`` matmul is faster here (best of 2 after a warm-up)."""
     seconds = best_interleaved(
-        {layout: functools.partial(torch.mm, *ab) for layout, ab in operands.items()}, 2
+        {name: functools.partial(_product(name), *_operands(n, dtype, name)) for name in layouts(dtype)}, 2
     )
     return min(seconds, key=seconds.__getitem__)
 
 
-def _time_one(a: torch.Tensor, b: torch.Tensor) -> float:
+def _time_one(product: Callable, a: torch.Tensor, b: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    torch.mm(a, b)
+    product(a, b)
     return time.perf_counter() - t0
 
 
@@ -145,9 +161,10 @@ def best_matmul_flops(
     """The best of at least 5 (``min_repeats``) samples of a warmed n x n x n matmul; more while samples
     keep improving (a busy machine), up to 20 or ``deadline`` (time.perf_counter())."""
     a, b = _operands(n, dtype, layout)
+    product = _product(layout)
     start, calls, last = time.perf_counter(), 0, 0.0
     while calls < 2 or time.perf_counter() - start < _WARMUP_S:  # warm-up: by time, at least 2 calls
-        last, calls = _time_one(a, b), calls + 1
+        last, calls = _time_one(product, a, b), calls + 1
     group = 1 + int(_MIN_SAMPLE_S / max(last, 1e-6))
     best, samples, since_best = math.inf, 0, 0
     while samples < min_repeats or (
@@ -155,7 +172,7 @@ def best_matmul_flops(
     ):
         t0 = time.perf_counter()
         for _ in range(group):
-            torch.mm(a, b)
+            product(a, b)
         seconds = (time.perf_counter() - t0) / group
         samples, since_best = samples + 1, since_best + 1
         if seconds < 0.99 * best:
@@ -237,7 +254,8 @@ def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
 def cpu_peak(dtype: str) -> CpuPeak:
     """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk (a disk
     entry from another boot is checked by a short probe: see ``recheck_peak``)."""
-    key = f"peak/{dtype}/threads{torch.get_num_threads()}/layouts"  # "/layouts": not the a@b-only peaks
+    # "/kernels": not the peaks of older versions (a@b only; bf16 without the fp32 kernel)
+    key = f"peak/{dtype}/threads{torch.get_num_threads()}/kernels"
     return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype), recheck=recheck_peak)
 
 

@@ -61,7 +61,7 @@ def default_dtype(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        from gpt2repro.perf import cpu_training_dtype  # perf -> kernels -> hub: not at import time
+        from gpt2repro.perf import cpu_training_dtype  # perf -> calibration -> hub: not at import time
 
         return cpu_training_dtype()
     return "fp32"

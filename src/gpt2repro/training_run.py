@@ -19,8 +19,8 @@ import torch
 
 from gpt2repro import checkpoint as ckpt_io
 from gpt2repro import distributed
+from gpt2repro.calibration import describe_cpu
 from gpt2repro.evals.scoring import EvalSetup
-from gpt2repro.kernels import describe_cpu
 from gpt2repro.perf import mfu, peak_flops
 from gpt2repro.preemption import Preempted, StopSignals, resume_command, signal_name
 from gpt2repro.run_writer import RunWriter

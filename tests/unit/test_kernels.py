@@ -8,19 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2repro import kernels
+from gpt2repro import calibration, kernels
+from gpt2repro.calibration import KernelChoice
 from gpt2repro.errors import UserError
-from gpt2repro.kernels import CalibrationCache, DecodeChoice, Linear
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch) -> CalibrationCache:
-    """An empty calibration cache under tmp_path, on a machine that counts as quiet (entries get written)."""
-    monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path))
-    monkeypatch.delenv(kernels.KERNEL_CACHE_ENV, raising=False)
-    monkeypatch.setattr(kernels, "machine_overloaded", lambda: False)
-    monkeypatch.setattr(kernels, "CALIBRATIONS", CalibrationCache())
-    return kernels.CALIBRATIONS
+from gpt2repro.kernels import Linear
 
 
 @pytest.mark.parametrize("kernel", ["bmm", "linear"])
@@ -76,7 +67,9 @@ def test_linear_follows_the_calibrated_choice(fresh_cache, monkeypatch):
     monkeypatch.setattr(
         kernels,
         "calibrate_decode",
-        lambda w, rows, bias: asked.append(rows) or DecodeChoice("bmm" if rows == 2 else "linear", 1.0, 1.0),
+        lambda w, rows, bias: (
+            asked.append(rows) or KernelChoice("bmm" if rows == 2 else "linear", {"linear": 1.0, "bmm": 1.0})
+        ),
     )
     real = kernels.linear_by_row_blocks
     monkeypatch.setattr(kernels, "linear_by_row_blocks", lambda *a: blocked.append(a[0].shape) or real(*a))
@@ -91,8 +84,8 @@ def test_linear_follows_the_calibrated_choice(fresh_cache, monkeypatch):
 def test_calibrate_decode_measures_both_and_picks_by_its_own_times():
     choice = kernels.calibrate_decode(torch.randn(200, 64), 1, True)
     assert choice.kernel in kernels.DECODE_KERNELS
-    assert choice.linear_us > 0 and choice.bmm_us > 0
-    assert (choice.kernel == "bmm") == (choice.bmm_us < (1 - kernels._MARGIN) * choice.linear_us)
+    assert set(choice.us) == {"linear", "bmm"} and min(choice.us.values()) > 0
+    assert (choice.kernel == "bmm") == (choice.us["bmm"] < (1 - calibration._MARGIN) * choice.us["linear"])
 
 
 def test_shape_classes_bucket_shapes_and_keep_rows_dtype_bias_threads_apart():
@@ -104,28 +97,13 @@ def test_shape_classes_bucket_shapes_and_keep_rows_dtype_bias_threads_apart():
     assert f"threads{torch.get_num_threads()}" in key(w, 1, True)
 
 
-def test_calibration_cache_round_trip_on_disk(fresh_cache, tmp_path):
-    calls = []
-
-    def measure():
-        calls.append(1)
-        return DecodeChoice("bmm", 10.0, 5.0)
-
-    assert fresh_cache.lookup("decode/x", DecodeChoice, measure) == DecodeChoice("bmm", 10.0, 5.0)
-    assert fresh_cache.lookup("decode/x", DecodeChoice, measure).kernel == "bmm"  # this process: memory
-    assert fresh_cache.path.parent == tmp_path / "kernels"
-    data = json.loads(fresh_cache.path.read_text())
-    assert data["cpu"]["torch"] == torch.__version__
-    assert data["entries"]["decode/x"] == {"kernel": "bmm", "linear_us": 10.0, "bmm_us": 5.0}
-    # a new process (fresh memory) reads the disk and does not measure again
-    assert CalibrationCache().lookup("decode/x", DecodeChoice, measure).kernel == "bmm"
-    assert len(calls) == 1
-
-
 def test_close_calls_are_measured_again_by_each_process(fresh_cache, monkeypatch):
     """Only a clear-cut choice goes to disk; a close call on disk (an older version) is measured again."""
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
-    close, clear = DecodeChoice("linear", 100.0, 97.0), DecodeChoice("bmm", 100.0, 60.0)
+    close, clear = (
+        KernelChoice("linear", {"linear": 100.0, "bmm": 97.0}),
+        KernelChoice("bmm", {"linear": 100.0, "bmm": 60.0}),
+    )
     assert not close.clear_cut() and clear.clear_cut()
     measured = []
 
@@ -143,64 +121,111 @@ def test_close_calls_are_measured_again_by_each_process(fresh_cache, monkeypatch
     entries = json.loads(fresh_cache.path.read_text())["entries"]
     assert [key.split("/")[4] for key in entries] == ["rows2"]
     close_key = kernels.decode_shape_class(weight, 1, True)
-    fresh_cache._write({**entries, close_key: {"kernel": "linear", "linear_us": 100.0, "bmm_us": 99.0}})
+    fresh_cache._write({**entries, close_key: {"kernel": "linear", "us": {"linear": 100.0, "bmm": 99.0}}})
     fresh_cache.clear_memory()
     kernels.decode_kernel(weight, 1, True)
     assert measured == [1, 2, 1, 1]
 
 
-def test_cache_is_keyed_by_cpu_identity(fresh_cache, monkeypatch):
-    """Another ISA (ATEN_CPU_CAPABILITY & co.) or torch version is another file: measured again."""
-    fresh_cache.lookup("decode/x", DecodeChoice, lambda: DecodeChoice("bmm", 2.0, 1.0))
-    first = fresh_cache.path
-    kernels.cpu_identity.cache_clear()
-    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
-    try:
-        second = CalibrationCache()
-        assert second.path != first
-        assert (
-            second.lookup("decode/x", DecodeChoice, lambda: DecodeChoice("linear", 1.0, 2.0)).kernel
-            == "linear"
-        )
-        assert json.loads(second.path.read_text())["cpu"]["isa_env"] == {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
-    finally:
-        kernels.cpu_identity.cache_clear()
+def _bf16_round_trip(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().bfloat16().float()
 
 
-def test_overloaded_machine_corrupt_file_and_disabled_disk(fresh_cache, monkeypatch):
-    monkeypatch.setattr(kernels, "machine_overloaded", lambda: True)
-    fresh_cache.lookup("decode/x", DecodeChoice, lambda: DecodeChoice("bmm", 2.0, 1.0))
-    assert not fresh_cache.path.exists()  # measured under load: kept for this process only
-    monkeypatch.setattr(kernels, "machine_overloaded", lambda: False)
-    fresh_cache.path.parent.mkdir(parents=True)
-    fresh_cache.path.write_text("{not json")
-    assert CalibrationCache().lookup(
-        "decode/x", DecodeChoice, lambda: DecodeChoice("linear", 1.0, 2.0)
-    ).kernel == ("linear")
-    assert json.loads(fresh_cache.path.read_text())["entries"]["decode/x"]["kernel"] == "linear"
-    monkeypatch.setenv(kernels.KERNEL_CACHE_ENV, "0")
-    assert (
-        CalibrationCache().lookup("decode/x", DecodeChoice, lambda: DecodeChoice("bmm", 2.0, 1.0)).kernel
-        == "bmm"
+@pytest.mark.parametrize("weights", ["fp32 under bf16 autocast", "bf16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_in_fp32_is_torch_bf16_linear_up_to_rounding(weights, bias, monkeypatch):
+    """The fp32 kernel returns bf16 rounded once from exact fp32 arithmetic on the bf16-rounded operands
+    (forward and gradients), which is torch's own bf16 F.linear to within its rounding."""
+    torch.manual_seed(0)
+    ours, ref = Linear(48, 80, bias=bias), Linear(48, 80, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 48)
+    if weights == "bf16":
+        ours, ref, x = ours.bfloat16(), ref.bfloat16(), x.bfloat16()
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(3, 7, 80)
+    outputs = []
+    for kernel, layer, inp in (("fp32", ours, x_ours), ("native", ref, x_ref)):
+        monkeypatch.setenv(kernels.BF16_KERNEL_ENV, kernel)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights != "bf16"):
+            y = layer(inp)
+        (y.float() * grad_out).sum().backward()
+        outputs.append(y)
+    y_ours, y_ref = outputs
+    assert y_ours.dtype == y_ref.dtype == torch.bfloat16
+    b = _bf16_round_trip(ours.bias) if bias else None
+    exact = F.linear(_bf16_round_trip(x), _bf16_round_trip(ours.weight), b)
+    assert torch.equal(y_ours, exact.bfloat16())  # really the fp32 kernel: one rounding of the exact result
+    assert (y_ours.float() - y_ref.float()).abs().max() <= 2**-7 * y_ref.float().abs().max()
+    pairs = [(x_ours.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad)]
+    pairs += [(ours.bias.grad, ref.bias.grad)] if bias else []
+    for got, expected in pairs:
+        assert got.dtype == expected.dtype
+        assert (got.float() - expected.float()).abs().max() <= 2**-7 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("kind", ["causal", "mask", "full"])
+def test_bf16_attention_in_fp32_is_torch_bf16_attention_up_to_rounding(kind, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril() if kind == "mask" else None
+    grad_out = torch.randn(2, 3, 9, 16)
+    results = {}
+    for kernel in ("fp32", "native"):
+        monkeypatch.setenv(kernels.BF16_KERNEL_ENV, kernel)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = kernels.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=kind == "causal")
+        (y.float() * grad_out).sum().backward()
+        results[kernel] = [y, *(t.grad for t in leaves)]
+    exact = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=kind == "causal"
     )
-    assert json.loads(fresh_cache.path.read_text())["entries"]["decode/x"]["kernel"] == "linear"  # untouched
+    assert torch.equal(results["fp32"][0], exact.bfloat16())
+    for got, expected in zip(results["fp32"], results["native"], strict=True):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        assert (got.float() - expected.float()).abs().max() <= 2**-6 * expected.float().abs().max()
 
 
-def test_describe_cpu_names_model_isa_threads_and_load():
-    line = kernels.describe_cpu()
-    cpu = kernels.cpu_identity()
-    assert cpu.model in line and f"{torch.get_num_threads()} torch threads" in line and "load average" in line
-    for _, name in kernels.ISA_FLAGS:
-        assert f"{name}:" in line
-    assert ("AVX2:yes" in line) == ("avx2" in cpu.flags)
+def test_bf16_products_follow_the_calibration_and_training_choices_always_persist(fresh_cache, monkeypatch):
+    """auto: GEMM-sized bf16 products ask the calibration per (capped) shape class and mode; a close call
+    is kept on disk for training (a resumed run must multiply as before) but not for inference."""
+    monkeypatch.setenv(kernels.BF16_KERNEL_ENV, "auto")
+    asked, in_fp32 = [], []
+    close = KernelChoice("fp32", {"native": 100.0, "fp32": 94.0})
+    monkeypatch.setattr(kernels, "measure_kernels", lambda key, *a: asked.append(key) or close)
+    real = kernels.linear_in_fp32
+    monkeypatch.setattr(kernels, "linear_in_fp32", lambda *a: in_fp32.append(a[0].shape) or real(*a))
+    layer = Linear(32, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            layer(torch.randn(6, 32))
+            layer(torch.randn(1, 32))  # a decode row: not a GEMM, never asked
+        layer(torch.randn(6, 32)).float().sum().backward()
+        layer(torch.randn(5, 32))
+    layer(torch.randn(6, 32))  # fp32, no autocast: no bf16 product
+    assert asked == [
+        "bf16/linear/infer/rows8/out64/in32/threads" + str(torch.get_num_threads()),
+        "bf16/linear/train/rows8/out64/in32/threads" + str(torch.get_num_threads()),
+    ]
+    assert in_fp32 == [torch.Size([6, 32]), torch.Size([6, 32]), torch.Size([5, 32])]
+    assert [key.split("/")[2] for key in json.loads(fresh_cache.path.read_text())["entries"]] == ["train"]
 
 
-def test_best_interleaved_warms_up_alternates_the_order_and_stops_at_the_budget():
-    calls = []
-    candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    seconds = kernels.best_interleaved(candidates, 3)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then turns in alternating order
-    assert set(seconds) == {"a", "b"} and all(0 <= s < 1 for s in seconds.values())
-    calls.clear()
-    kernels.best_interleaved(candidates, 5, min_rounds=2, budget_s=0.0)  # over budget: min_rounds only
-    assert calls == ["a", "b", "a", "b", "b", "a"]
+def test_bf16_calibrations_measure_both_kernels_on_capped_shapes(fresh_cache):
+    for mode in ("infer", "train"):
+        kernel = kernels.bf16_linear_kernel(3000, 50304, 768, mode)
+        assert kernel in kernels.BF16_KERNELS
+    entries = json.loads(fresh_cache.path.read_text())["entries"]
+    train = entries[f"bf16/linear/train/rows64/out1024/in1024/threads{torch.get_num_threads()}"]
+    assert set(train["us"]) == {"native", "fp32"} and min(train["us"].values()) > 0
+    fastest = min(train["us"], key=train["us"].get)
+    expected = (
+        fastest if train["us"][fastest] < (1 - calibration._MARGIN) * train["us"]["native"] else "native"
+    )
+    assert train["kernel"] == expected
+    q = torch.randn(1, 2, 300, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert kernels._bf16_attention_kernel(q, q, None, True) in kernels.BF16_KERNELS
+    assert (
+        f"bf16/attention/train/q256/k256/d16/causal/threads{torch.get_num_threads()}"
+        in json.loads(fresh_cache.path.read_text())["entries"]
+    )

@@ -8,41 +8,38 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2repro import kernels, perf, runtime
-from gpt2repro.kernels import CalibrationCache
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch) -> CalibrationCache:
-    monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path))
-    monkeypatch.delenv(kernels.KERNEL_CACHE_ENV, raising=False)
-    monkeypatch.setattr(kernels, "machine_overloaded", lambda: False)
-    cache = CalibrationCache()
-    monkeypatch.setattr(perf, "CALIBRATIONS", cache)
-    return cache
+from gpt2repro import calibration, perf, runtime
 
 
 def independent_best_of_5(n: int, dtype: torch.dtype) -> float:
-    """FLOP/s of the best of 5 single n^3 matmuls after 3 warm-up ones, in the faster of the two layouts
-    (a @ b, a @ b.T) (not perf's code). A layout whose first call is over 2x slower is dropped (bf16 a @ b
-    on AVX2 is a 15x slower fallback); closer ones are both timed, since a single cold call can pick the
-    slower of two layouts that differ by ~15% (fp32 here)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """FLOP/s of the best of 5 single n^3 matmuls after 3 warm-up ones, by the fastest of the ways a model
+    multiplies (not perf's code): a @ b and a @ b.T, and for bf16 also a @ b.T in fp32 on the bf16 operands
+    (rounded to bf16), the kernel gpt2repro.kernels uses where it is faster. A way whose first 256^3 call
+    is over 2x slower is dropped (bf16 a @ b on AVX2 is a 15x slower fallback: 20 s at 2048^3); closer
+    ones are all timed, since one cold call can pick the slower of two layouts ~15% apart (fp32 here)."""
+
+    def ways(size: int) -> dict:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        found = {"a@b": lambda: a @ b, "a@b.T": lambda: a @ b.t()}
+        if dtype == torch.bfloat16:
+            found["a@b.T in fp32"] = lambda: (a.float() @ b.t().float()).bfloat16()
+        return found
+
     first = {}
-    for name, rhs in (("a@b", b), ("a@b.T", b.t())):
+    for name, product in ways(256).items():
+        product()
         t0 = time.perf_counter()
-        a @ rhs
-        first[name] = (time.perf_counter() - t0, rhs)
-    fastest_first = min(t for t, _ in first.values())
+        product()
+        first[name] = time.perf_counter() - t0
     best = float("inf")
-    for t_first, rhs in first.values():
-        if t_first > 2 * fastest_first:
+    for name, product in ways(n).items():
+        if first[name] > 2 * min(first.values()):
             continue
         for _ in range(3):
-            a @ rhs
+            product()
         for _ in range(5):
             t0 = time.perf_counter()
-            a @ rhs
+            product()
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -92,12 +89,23 @@ def test_peak_flops_matches_an_independent_best_of_5(dtype, fresh_cache):
 
 
 def test_peak_uses_the_faster_operand_layout(monkeypatch):
-    """perf times both layouts a model multiplies in and measures the peak in the faster one."""
-    slow = {"a@b": 1.0, "a@b.T": 0.1}
-    monkeypatch.setattr(perf, "best_interleaved", lambda candidates, rounds: {k: slow[k] for k in candidates})
+    """perf times both layouts a model multiplies in (bf16: and the fp32 kernel on bf16 operands) and
+    measures the peak in the fastest."""
+    slow = {"a@b": 1.0, "a@b.T": 0.1, perf.IN_FP32: 0.01}
+    timed = []
+    monkeypatch.setattr(
+        perf,
+        "best_interleaved",
+        lambda candidates, rounds: timed.append(set(candidates)) or {k: slow[k] for k in candidates},
+    )
     assert perf.fastest_layout(torch.float32, n=16) == "a@b.T"
-    slow.update({"a@b": 0.05})
+    assert perf.fastest_layout(torch.bfloat16, n=16) == perf.IN_FP32
+    assert timed == [{"a@b", "a@b.T"}, {"a@b", "a@b.T", perf.IN_FP32}]
+    slow.update({"a@b": 0.005})
     assert perf.fastest_layout(torch.float32, n=16) == "a@b"
+    a, b = perf._operands(8, torch.bfloat16, perf.IN_FP32)
+    assert perf._product(perf.IN_FP32)(a, b).dtype == torch.bfloat16
+    assert torch.equal(perf._product(perf.IN_FP32)(a, b), (a.float() @ b.float()).bfloat16())
 
 
 def test_cpu_training_dtype_follows_its_own_measurement(fresh_cache):
@@ -170,7 +178,7 @@ def test_a_peak_cached_under_another_boot_is_probed_and_measured_again_if_wrong(
     calls = []
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1e12), calls)
     first = perf.cpu_peak("fp32")
-    assert first.boot_id == kernels.boot_id() and first.boot_id
+    assert first.boot_id == calibration.boot_id() and first.boot_id
     measured = len(calls)
     fresh_cache.clear_memory()
     assert perf.cpu_peak("fp32") == first and len(calls) == measured  # same boot: no probe
