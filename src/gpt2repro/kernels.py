@@ -199,6 +199,13 @@ def _run(product: Callable, mode: str, inputs: tuple[torch.Tensor, ...], **kwarg
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
 
+def _bf16_kernel(key: str, measure: Callable[[], calibration.KernelChoice], mode: str) -> str:
+    """The bf16 kernel forced or measured for ``key``. A training run resumed in another process must
+    multiply as before, so a training choice is always kept on disk, close or not."""
+    persist = None if mode == "train" else calibration.KernelChoice.clear_cut
+    return calibration.chosen_kernel(BF16_KERNEL_ENV, BF16_KERNELS, key, measure, persist)
+
+
 def bf16_linear_kernel(rows: int, out_features: int, in_features: int, mode: str) -> str:
     """ "native" or "fp32" for a bf16 (rows x in) @ (in x out) product here, measured on a capped shape."""
     shape = (_bucket(rows, _BF16_ROWS), _bucket(out_features, _BF16_WIDTH), _bucket(in_features, _BF16_WIDTH))
@@ -212,9 +219,7 @@ def bf16_linear_kernel(rows: int, out_features: int, in_features: int, mode: str
         candidates = {name: functools.partial(_run, p, mode, (x, weight)) for name, p in products.items()}
         return measure_kernels(key, candidates, "native")
 
-    # A training run resumed in another process must multiply as before: its choice is always kept.
-    persist = None if mode == "train" else calibration.KernelChoice.clear_cut
-    return calibration.chosen_kernel(BF16_KERNEL_ENV, BF16_KERNELS, key, measure, persist)
+    return _bf16_kernel(key, measure, mode)
 
 
 def _attention_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -240,8 +245,7 @@ def _bf16_attention_kernel(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
         candidates = {n: functools.partial(_run, p, mode, (q, k, v), **extra) for n, p in products.items()}
         return measure_kernels(key, candidates, "native")
 
-    persist = None if mode == "train" else calibration.KernelChoice.clear_cut
-    return calibration.chosen_kernel(BF16_KERNEL_ENV, BF16_KERNELS, key, measure, persist)
+    return _bf16_kernel(key, measure, mode)
 
 
 def scaled_dot_product_attention(
