@@ -40,12 +40,11 @@ def one_thread():
 def fresh_cache(tmp_path, monkeypatch):
     """An empty calibration cache under tmp_path (kernel choices and the CPU peak), on a machine that
     counts as quiet (entries get written)."""
-    from gpt2repro import calibration, perf
+    from gpt2repro import calibration
 
     monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path))
     monkeypatch.delenv(calibration.KERNEL_CACHE_ENV, raising=False)
     monkeypatch.setattr(calibration, "machine_overloaded", lambda: False)
     cache = calibration.CalibrationCache()
     monkeypatch.setattr(calibration, "CALIBRATIONS", cache)
-    monkeypatch.setattr(perf, "CALIBRATIONS", cache)
     return cache

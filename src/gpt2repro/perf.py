@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.calibration import CALIBRATIONS, best_interleaved, boot_id, load_average
+from gpt2repro import calibration
+from gpt2repro.calibration import best_interleaved, boot_id, load_average
 from gpt2repro.config import GPTConfig
+from gpt2repro.kernels import linear_in_fp32
 
 log = logging.getLogger("gpt2repro")
 
@@ -130,7 +132,8 @@ def _operands(n: int, dtype: torch.dtype, layout: str) -> tuple[torch.Tensor, to
 
 
 def _mm_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.mm(a.float(), b.float()).bfloat16()
+    """a @ b by the model's own fp32 kernel for bf16 products (it multiplies by its weight's transpose)."""
+    return linear_in_fp32(a, b.t(), None)
 
 
 def _product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -261,7 +264,9 @@ def cpu_peak(dtype: str) -> CpuPeak:
     entry is checked, and raised, by a short probe: see ``recheck_peak``)."""
     # "/kernels": not the peaks of older versions (a@b only; bf16 without the fp32 kernel)
     key = f"peak/{dtype}/threads{torch.get_num_threads()}/kernels"
-    return CALIBRATIONS.lookup(key, CpuPeak, lambda: measure_cpu_peak(dtype), recheck=recheck_peak)
+    return calibration.CALIBRATIONS.lookup(
+        key, CpuPeak, lambda: measure_cpu_peak(dtype), recheck=recheck_peak
+    )
 
 
 @dataclass(frozen=True)
@@ -303,7 +308,7 @@ def measure_cpu_dtype() -> DtypeChoice:
 def cpu_training_dtype() -> str:
     """bf16 where this CPU multiplies in it clearly faster than in fp32, else fp32 (measured once, cached)."""
     key = f"dtype/threads{torch.get_num_threads()}"
-    return CALIBRATIONS.lookup(key, DtypeChoice, measure_cpu_dtype).dtype
+    return calibration.CALIBRATIONS.lookup(key, DtypeChoice, measure_cpu_dtype).dtype
 
 
 def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
