@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -50,33 +51,57 @@ DECODE_KERNELS = ("linear", "bmm")
 _POOL_MAX_COPIES = 32  # enough to overflow a 32 MiB L3 with a 768x768 fp32 weight; more calls cost time
 
 
-def linear_by_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for a few rows of ``x``, computed as ``bmm`` over blocks of ``weight``'s rows.
+class RowBlocks:
+    """``F.linear`` by one weight for a few rows, computed as ``bmm`` over blocks of the weight's rows.
 
     A bmm is parallelised over its batch, so every core streams a share of the weight; MKL's GEMV may not.
     The bias is added by the same call (``baddbmm``) where the rows split evenly: one pass less over the
-    output, which for a 768-wide layer is a measurable share of its time.
+    output, which for a 768-wide layer is a measurable share of its time. The views of the weight are made
+    once: a decode step makes 49 of these calls, and each tensor op costs ~1-3 us in Python.
     """
-    out_features, in_features = weight.shape
-    n_rows = x.numel() // in_features
-    n_blocked = out_features // ROW_BLOCKS * ROW_BLOCKS
-    # Each tensor op costs ~1-3 us in Python: a decode step makes 49 of these calls, so views are few.
-    columns = x.reshape(1, n_rows, in_features).transpose(1, 2).expand(ROW_BLOCKS, -1, -1)
-    if n_blocked == out_features:
-        blocks = weight.view(ROW_BLOCKS, -1, in_features)
-        if bias is None:
-            y = torch.bmm(blocks, columns)
-        else:
-            y = torch.baddbmm(bias.view(ROW_BLOCKS, -1, 1), blocks, columns)
-        y = y.view(out_features, n_rows)
-        return (y if n_rows == 1 else y.t()).view(*x.shape[:-1], out_features)
-    blocks = weight[:n_blocked].view(ROW_BLOCKS, -1, in_features)
-    y = torch.bmm(blocks, columns).view(n_blocked, n_rows).t()
-    # the last out_features % 8 rows (e.g. the unpadded 50257-row head)
-    y = torch.cat([y, F.linear(x.reshape(n_rows, in_features), weight[n_blocked:])], dim=1)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], out_features)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = weight.shape
+        blocked = out_features // ROW_BLOCKS * ROW_BLOCKS
+        self.weight, self.bias, self.in_features, self.blocked = weight, bias, in_features, blocked
+        self.blocks = weight[:blocked].view(ROW_BLOCKS, -1, in_features)
+        # the last out_features % 8 rows (e.g. the unpadded 50257-row head), with their bias
+        self.tail, self.tail_bias = weight[blocked:], None if bias is None else bias[blocked:]
+        self.bias_blocks = None if bias is None else bias[:blocked].view(ROW_BLOCKS, -1, 1)
+
+    def views_of(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Still views of these tensors (not replaced, not given new storage, e.g. by ``.data =``)."""
+        return (
+            self.weight is weight
+            and self.bias is bias
+            and self.blocks.data_ptr() == weight.data_ptr()
+            and (bias is None or self.bias_blocks.data_ptr() == bias.data_ptr())
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        shape = (*x.shape[:-1], self.blocked + self.tail.shape[0])
+        if not x.is_contiguous():
+            x = x.contiguous()
+        # (ROW_BLOCKS, in, rows): every block multiplies the same columns (a stride-0 batch, no copy)
+        columns = x.as_strided((ROW_BLOCKS, self.in_features, rows), (0, 1, self.in_features))
+        if not self.tail.shape[0]:
+            if self.bias_blocks is None:
+                y = torch.bmm(self.blocks, columns)
+            else:
+                y = torch.baddbmm(self.bias_blocks, self.blocks, columns)
+            return y.view(shape) if rows == 1 else y.view(-1, rows).t().view(shape)
+        y = x.new_empty(shape[-1], rows)  # written in place by both products: no concatenation
+        torch.bmm(self.blocks, columns, out=y[: self.blocked].view(ROW_BLOCKS, -1, rows))
+        torch.mm(self.tail, columns[0], out=y[self.blocked :])
+        if self.bias is not None:
+            y += self.bias.unsqueeze(1)
+        return y.view(shape) if rows == 1 else y.t().view(shape)
+
+
+def linear_by_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows of ``x``, by ``RowBlocks``."""
+    return RowBlocks(weight, bias)(x)
 
 
 def decode_shape_class(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
@@ -274,24 +299,49 @@ class Linear(nn.Linear):
     on this machine: few-row (decode) products, and bf16 ones (see the module docstring); everything else
     is ``F.linear``."""
 
+    _decode: tuple | None = None  # (conditions, RowBlocks or None) of the last few-row call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each attribute read is a dict look-up: once per call
         if x.numel() <= MAX_DECODE_ROWS * self.in_features:
-            if x.numel() and self._row_blocks_win(x, weight):
-                return linear_by_row_blocks(x, weight, bias)
-        elif x.device.type == "cpu" and computes_in_bf16(x, weight) and self._fp32_wins(x, weight):
+            row_blocks = self._row_blocks(x, weight, bias) if x.numel() else None
+            return F.linear(x, weight, bias) if row_blocks is None else row_blocks(x)
+        if x.device.type == "cpu" and computes_in_bf16(x, weight) and self._fp32_wins(x, weight):
             return linear_in_fp32(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def _row_blocks_win(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and weight.is_contiguous()
-            and decode_kernel(weight, x.numel() // self.in_features, self.bias is not None) == "bmm"
+    def _row_blocks(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The row-block product for this few-row call where it was measured faster, else None (F.linear).
+
+        Remembered for the conditions of the call (rows, dtype, autograd, autocast, threads, the forced
+        kernel, the calibration cache) and the weight's storage: decoding asks 49 times per token."""
+        if torch.compiler.is_compiling():
+            return None
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        conditions = (
+            x.numel(),
+            x.dtype,
+            grad,
+            torch.is_autocast_enabled("cpu"),
+            torch.get_num_threads(),
+            os.environ.get(DECODE_KERNEL_ENV),
+            calibration.CALIBRATIONS,
         )
+        memo = self._decode
+        if memo is not None and memo[0] == conditions and (memo[1] is None or memo[1].views_of(weight, bias)):
+            return memo[1]
+        row_blocks = None
+        if (
+            not grad  # the row blocks serve decoding; under autograd, F.linear
+            and x.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and not conditions[3]  # autocast: F.linear casts
+            and weight.is_contiguous()
+            and decode_kernel(weight, x.numel() // self.in_features, bias is not None) == "bmm"
+        ):
+            row_blocks = RowBlocks(weight, bias)
+        self._decode = (conditions, row_blocks)
+        return row_blocks
 
     def _fp32_wins(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features

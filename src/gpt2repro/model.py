@@ -26,23 +26,26 @@ from gpt2repro.loss import cross_entropy
 class KVCache:
     """Pre-allocated keys and values of every layer, so decoding one token costs O(context), not O(context²).
 
-    ``keys``/``values`` have shape (n_layer, B, n_head, max_len, head_dim); ``length`` counts the
-    positions already written (all layers advance together, after the last layer has written).
+    ``kv`` has shape (n_layer, 2, B, n_head, max_len, head_dim): keys then values, so a layer writes both
+    with one copy (decoding is bound by its number of ops as much as by its weights). ``length`` counts
+    the positions already written (all layers advance together, after the last layer has written).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: torch.Tensor
     length: int = 0
+
+    def __post_init__(self) -> None:
+        # each layer's (2, B, n_head, max_len, head_dim) view (select, not unbind: written in place)
+        self.layers = [self.kv[i] for i in range(self.kv.shape[0])]
 
     @classmethod
     def empty(cls, config: GPTConfig, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
-        keys = torch.empty(shape, device=device, dtype=dtype)
-        return cls(keys, torch.empty_like(keys))
+        shape = (config.n_layer, 2, batch, config.n_head, max_len, config.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype))
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3]
+        return self.kv.shape[4]
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,15 +67,15 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``mask`` (B, T, T), True where a query may attend a key, replaces the causal mask."""
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, n_head, T, head_dim) views; few ops, since decoding is op-bound too
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v as views; few ops, since decoding is op-bound too
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         past = 0
-        if cache is not None:
-            past = cache.length
-            keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-            keys[:, :, past : past + T] = k
-            values[:, :, past : past + T] = v
-            k, v = keys[:, :, : past + T], values[:, :, : past + T]
+        if cache is None:
+            q, k, v = qkv.unbind(0)
+        else:
+            past, kv = cache.length, cache.layers[self.layer_idx]
+            kv[:, :, :, past : past + T] = qkv[1:]  # this token's keys and values, one copy
+            q, (k, v) = qkv[0], kv[:, :, :, : past + T].unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         mask = mask.unsqueeze(1) if mask is not None else None  # the same mask for every head
         if self.backend == "sdpa":

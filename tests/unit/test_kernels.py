@@ -34,16 +34,57 @@ def test_decode_linear_equals_f_linear(kernel, rows, out_features, bias, monkeyp
 
 @pytest.mark.parametrize("kernel", ["bmm", "linear"])
 def test_decode_linear_bf16_and_autograd(kernel, monkeypatch):
-    """bf16 weights agree with bf16 F.linear to bf16 rounding; gradients flow through either kernel."""
+    """bf16 weights agree with bf16 F.linear to bf16 rounding; under autograd it is F.linear itself (the
+    row blocks serve decoding), so gradients are F.linear's."""
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, kernel)
     torch.manual_seed(0)
     layer = Linear(64, 203).to(torch.bfloat16)
-    x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
-    got = layer(x)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
     expected = F.linear(x, layer.weight, layer.bias)
     assert (got.float() - expected.float()).abs().max().item() <= 2e-2 * expected.float().abs().max().item()
-    got.float().sum().backward()
-    assert x.grad is not None and layer.weight.grad is not None
+    x.requires_grad_(True)
+    layer(x).float().sum().backward()
+    grad_x, grad_w = x.grad, layer.weight.grad
+    x.grad = layer.weight.grad = None
+    F.linear(x, layer.weight, layer.bias).float().sum().backward()
+    assert torch.equal(grad_x, x.grad) and torch.equal(grad_w, layer.weight.grad)
+
+
+def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch):
+    """The per-module memory of the decode product never serves a stale weight: an in-place update shows,
+    a replaced parameter or new storage (``.data =``) is noticed, and so are a changed env and dtype."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    torch.manual_seed(0)
+    layer = Linear(32, 72)
+    x = torch.randn(1, 1, 32)
+
+    def check() -> None:
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+    check()
+    first = layer._decode[1]
+    assert isinstance(first, kernels.RowBlocks)
+    with torch.no_grad():
+        layer.weight.mul_(3)  # in place: the remembered views see it
+    check()
+    assert layer._decode[1] is first
+    layer.weight = torch.nn.Parameter(torch.randn(72, 32))
+    check()
+    layer.weight.data = torch.randn(72, 32)
+    check()
+    layer.bias.data = torch.randn(72)
+    check()
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "linear")
+    check()
+    assert layer._decode[1] is None
+    layer.double()
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    x = x.double()
+    check()
+    assert layer._decode[1].blocks.dtype == torch.float64
 
 
 def test_forced_kernel_skips_calibration_and_bad_value_is_a_user_error(fresh_cache, monkeypatch):
@@ -71,8 +112,10 @@ def test_linear_follows_the_calibrated_choice(fresh_cache, monkeypatch):
             asked.append(rows) or KernelChoice("bmm" if rows == 2 else "linear", {"linear": 1.0, "bmm": 1.0})
         ),
     )
-    real = kernels.linear_by_row_blocks
-    monkeypatch.setattr(kernels, "linear_by_row_blocks", lambda *a: blocked.append(a[0].shape) or real(*a))
+    real = kernels.RowBlocks.__call__
+    monkeypatch.setattr(
+        kernels.RowBlocks, "__call__", lambda self, x: blocked.append(x.shape) or real(self, x)
+    )
     layer = Linear(16, 40)
     with torch.no_grad():
         for rows in (1, 2, 2, 5, 1):
