@@ -35,8 +35,11 @@ class KVCache:
     length: int = 0
 
     def __post_init__(self) -> None:
-        # each layer's (2, B, n_head, max_len, head_dim) view (select, not unbind: written in place)
-        self.layers = [self.kv[i] for i in range(self.kv.shape[0])]
+        # Each layer's (2, B, n_head, max_len, head_dim) view, made once. select, not unbind, and in grad
+        # mode: both kinds of view refuse some in-place writes (a cache made under no_grad, then used
+        # with autograd on, would refuse every write).
+        with torch.enable_grad():
+            self.layers = [self.kv[i] for i in range(self.kv.shape[0])]
 
     @classmethod
     def empty(cls, config: GPTConfig, batch: int, max_len: int, device, dtype) -> KVCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -73,6 +74,11 @@ def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch)
     assert layer._decode[1] is first
     layer.weight = torch.nn.Parameter(torch.randn(72, 32))
     check()
+    original, layer = layer, copy.deepcopy(layer)  # a copy made after decoding computes with its own weight
+    with torch.no_grad():
+        layer.weight.add_(1)
+    check()
+    layer = original
     layer.weight.data = torch.randn(72, 32)
     check()
     layer.bias.data = torch.randn(72)

@@ -114,6 +114,26 @@ def test_kv_cache_forward_equals_full_forward(small_pair):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("made_under", ["no_grad", "grad", "inference_mode"])
+def test_kv_cache_made_in_one_grad_mode_works_in_another(small_pair, made_under):
+    """A cache keeps per-layer views; they must accept writes whether the forward runs with autograd or
+    not, wherever the cache was made (an inference-mode cache stays inside inference mode, as torch
+    requires of inference tensors)."""
+    ours, _ = small_pair
+    x = random_tokens(1, 12, seed=9)
+    with torch.no_grad():
+        full, _ = ours(x)
+    modes = {"no_grad": torch.no_grad, "grad": torch.enable_grad, "inference_mode": torch.inference_mode}
+    with modes[made_under]():
+        cache = ours.new_cache(1)
+    uses = [torch.inference_mode] if made_under == "inference_mode" else [torch.enable_grad, torch.no_grad]
+    steps = []
+    for t in range(12):
+        with uses[t % len(uses)]():
+            steps.append(ours(x[:, t : t + 1], cache=cache)[0].detach())
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
 def test_presets_have_the_published_shapes():
     assert GPT(GPTConfig.preset("gpt2-micro")).num_params() == 3_324_736
     expected = {
