@@ -4,20 +4,24 @@ Random-weight GPT-2 124M (the same weights in both models), batch 1, a short pro
 All three produce the same tokens (checked); the figures are tokens per second of the timed runs.
 
     .venv/bin/python benchmarks/bench_generate.py [--new-tokens 256] [--repeats 2] [--threads N]
+                                                  [--dtype fp32|bf16]
+
+``--dtype bf16`` casts both models' weights to bf16 (as users decode on CPU: ``model.to(torch.bfloat16)``)
+and measures the GEMV of bf16 weights as the yardstick; bf16 rounding may make the two models' tokens part.
 
 On a CPU shared with other busy processes, every multi-threaded op waits at its thread barrier for a
 descheduled thread (~10 ms per op here), so a decoding step costs "ops x barrier" rather than its
 memory traffic; ``--threads 1`` measures the loops themselves.
 
-Decoding one token reads every weight once, so its ceiling is memory bandwidth. The bench prints an
-fp32 GEMV of the LM head's shape (F.linear and the row-block bmm of gpt2repro.kernels, best of 5) and,
-for the decode/GEMV ratio, pairs taken back to back inside one generation: a stream of 4 head GEMVs
-with each kernel (the faster one counts), then ``--chunk`` decode steps, ``--rounds`` times; the median
-ratio of the pairs is the figure (the host's bandwidth swings too much between minutes for one GEMV at
-the start to be the yardstick). It also times one step's own products alone (each of the model's
-Linears called on one row, back to back, with nothing in between): what a decode step would cost if
-everything but its GEMVs were free. The decode kernel of each shape is chosen by calibration (logged);
-``GPT2REPRO_DECODE_KERNEL=linear|bmm`` forces one.
+Decoding one token reads every weight once, so its ceiling is memory bandwidth. The bench prints a
+GEMV of the LM head's shape in the models' dtype (F.linear and the row-block bmm of
+gpt2repro.kernels, best of 5) and, for the decode/GEMV ratio, pairs taken back to back inside one
+generation: a stream of 4 head GEMVs with each kernel (the faster one counts), then ``--chunk`` decode
+steps, ``--rounds`` times; the median ratio of the pairs is the figure (the host's bandwidth swings
+too much between minutes for one GEMV at the start to be the yardstick). It also times one step's own
+products alone (each of the model's Linears called on one row, back to back, with nothing in
+between): what a decode step would cost if everything but its GEMVs were free. The decode kernel of
+each shape is chosen by calibration (logged); ``GPT2REPRO_DECODE_KERNEL=linear|bmm`` forces one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from gpt2repro.sample import SamplingOptions, stream_tokens
 from gpt2repro.tokenizer import get_tokenizer
 
 PROMPT = "Hello, I'm a language model,"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def timed(fn) -> tuple[float, torch.Tensor]:
@@ -98,7 +103,7 @@ def products_alone_seconds(model: GPT, repeats: int = 3) -> float:
     """Seconds of a decode step's Linear calls alone: every Linear of the model on one row, back to back
     (best of ``repeats``), with the kernels the model chose. The GEMV floor of one step."""
     calls = [
-        (layer, torch.randn(1, 1, layer.in_features))
+        (layer, torch.randn(1, 1, layer.in_features, dtype=layer.weight.dtype))
         for layer in model.modules()
         if isinstance(layer, Linear)
     ]
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cache-repeats", type=int, default=1, help="0 skips the (slow) no-cache loop")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="the weights of both models")
     parser.add_argument("--rounds", type=int, default=16, help="decode/GEMV pairs for the bandwidth figure")
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per pair")
     args = parser.parse_args()
@@ -134,6 +140,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = GPT.from_pretrained(tmp).eval()
+    hf.to(DTYPES[args.dtype])
+    ours.to(DTYPES[args.dtype])
     idx = torch.tensor([get_tokenizer().encode(PROMPT)])
     n = args.new_tokens
 
@@ -156,12 +164,12 @@ def main() -> None:
 
     print(describe_cpu())
     print(
-        f"GPT-2 124M (random weights), CPU, {torch.get_num_threads()} threads, "
+        f"GPT-2 124M (random weights), {args.dtype} weights, CPU, {torch.get_num_threads()} threads, "
         f"prompt {idx.size(1)} tokens, {n} new tokens, greedy, batch 1"
     )
     gemv = gemv_bandwidth(ours.lm_head.weight.detach())
     print(
-        "fp32 GEMV of the LM head "
+        f"{args.dtype} GEMV of the LM head "
         + "x".join(map(str, ours.lm_head.weight.shape))
         + ": "
         + ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in gemv.items())
@@ -192,7 +200,7 @@ def main() -> None:
     ratios = sorted(decode / gemv for decode, gemv in pairs)
     print(
         f"our decode streams the weights at {weight_bytes * n / t_ours / 1e9:.1f} GB/s (best run above); "
-        f"paired with the best fp32 GEMV of the LM head in the same second ({args.rounds} rounds of "
+        f"paired with the best {args.dtype} GEMV of the LM head in the same second ({args.rounds} rounds of "
         f"{args.chunk} steps): median {ratios[len(ratios) // 2]:.0%} of the GEMV's bandwidth "
         f"(range {ratios[0]:.0%}-{ratios[-1]:.0%}; decode {statistics.median(d for d, _ in pairs):.1f} "
         f"GB/s, GEMV {statistics.median(g for _, g in pairs):.1f} GB/s, best single GEMV at the start "
