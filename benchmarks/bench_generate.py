@@ -1,7 +1,8 @@
 """Greedy decoding speed on CPU: our KV-cached loop vs Hugging Face ``generate`` vs a no-cache loop.
 
 Random-weight GPT-2 124M (the same weights in both models), batch 1, a short prompt, 256 new tokens.
-All three produce the same tokens (checked); the figures are tokens per second of the timed runs.
+The bench checks that all three produce the same tokens (in fp32 they do); the figures are tokens per
+second of the timed runs.
 
     .venv/bin/python benchmarks/bench_generate.py [--new-tokens 256] [--repeats 2] [--threads N]
                                                   [--dtype fp32|bf16]
@@ -117,6 +118,56 @@ def weight_bytes_per_token(model: GPT) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and id(p) not in skip)
 
 
+def race(ours: GPT, run_ours, run_hf, repeats: int) -> tuple:
+    """Alternate the two fast contenders so a change in machine load hits both; keep each one's best.
+    Returns our time, tokens and products-alone time of our best run, then HF's time and tokens."""
+    t_ours = t_hf = float("inf")
+    for _ in range(repeats):
+        alone = products_alone_seconds(ours)
+        t, out_ours = timed(run_ours)
+        if t < t_ours:
+            t_ours, alone_then = t, alone
+        t, out_hf = timed(run_hf)
+        t_hf = min(t_hf, t)
+    return t_ours, out_ours, alone_then, t_hf, out_hf
+
+
+def print_bandwidth(
+    ours: GPT, idx: torch.Tensor, args, t_ours: float, best_gemv: float, alone: float
+) -> None:
+    """The decode's share of the GEMV bandwidth (paired) and of one step spent in its products alone."""
+    n = args.new_tokens
+    weight_bytes = weight_bytes_per_token(ours)
+    pairs = paired_bandwidth(ours, idx, args.rounds, args.chunk)
+    ratios = [decode / gemv for decode, gemv in pairs]
+    print(
+        f"our decode streams the weights at {weight_bytes * n / t_ours / 1e9:.1f} GB/s (best run above); "
+        f"paired with the best {args.dtype} GEMV of the LM head in the same second ({args.rounds} rounds of "
+        f"{args.chunk} steps): median {statistics.median(ratios):.0%} of the GEMV's bandwidth "
+        f"(range {min(ratios):.0%}-{max(ratios):.0%}; decode {statistics.median(d for d, _ in pairs):.1f} "
+        f"GB/s, GEMV {statistics.median(g for _, g in pairs):.1f} GB/s, best single GEMV at the start "
+        f"{best_gemv:.1f}); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    step_ms = t_ours / n * 1e3
+    n_linears = sum(isinstance(m, Linear) for m in ours.modules())
+    print(
+        f"one decode step {step_ms:.1f} ms (prefill included); its {n_linears} Linear calls alone, "
+        f"back to back: {alone * 1e3:.1f} ms = {alone * 1e3 / step_ms:.0%} "
+        f"of the step ({weight_bytes / alone / 1e9:.1f} GB/s)"
+    )
+
+
+def random_twins(dtype: torch.dtype) -> tuple[GPT2LMHeadModel, GPT]:
+    """HF's GPT-2 124M with random weights, and ours loaded from it (the same weights), both in ``dtype``."""
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12))
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # always generate all n tokens, like our loop
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = GPT.from_pretrained(tmp).eval()
+    return hf.to(dtype), ours.to(dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -134,16 +185,11 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
 
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12))
-    hf.eval()
-    hf.generation_config.eos_token_id = None  # always generate all n tokens, like our loop
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = GPT.from_pretrained(tmp).eval()
-    hf.to(DTYPES[args.dtype])
-    ours.to(DTYPES[args.dtype])
+    hf, ours = random_twins(DTYPES[args.dtype])
     idx = torch.tensor([get_tokenizer().encode(PROMPT)])
     n = args.new_tokens
+    if idx.size(1) + args.rounds * args.chunk + 1 > ours.config.block_size:
+        parser.error("--rounds x --chunk must fit the context (a re-prefill would land in a timed chunk)")
 
     def run_ours(new=None):
         return ours.generate(idx, new or n, temperature=0)
@@ -176,15 +222,7 @@ def main() -> None:
     )
     for fn in (run_ours, run_hf, run_no_cache)[: 3 if args.no_cache_repeats else 2]:  # warm-up
         fn(8)
-    # Alternate the two fast contenders so a change in machine load hits both; keep each one's best.
-    t_ours = t_hf = float("inf")
-    for _ in range(args.repeats):
-        alone = products_alone_seconds(ours)
-        t, out_ours = timed(run_ours)
-        if t < t_ours:
-            t_ours, alone_then = t, alone
-        t, out_hf = timed(run_hf)
-        t_hf = min(t_hf, t)
+    t_ours, out_ours, alone_then, t_hf, out_hf = race(ours, run_ours, run_hf, args.repeats)
     rows = [("gpt2repro (KV cache)", t_ours), ("HF generate (use_cache)", t_hf)]
     same = torch.equal(out_ours, out_hf)
     if args.no_cache_repeats:
@@ -195,24 +233,7 @@ def main() -> None:
         print(f"{name:26s} {n / t:8.1f} tokens/s  ({t:.2f} s)")
     no_cache = f"   vs no cache: {rows[2][1] / t_ours:.2f}x" if len(rows) > 2 else ""
     print(f"speed-up vs HF generate: {t_hf / t_ours:.2f}x{no_cache}   identical tokens: {same}")
-    weight_bytes = weight_bytes_per_token(ours)
-    pairs = paired_bandwidth(ours, idx, args.rounds, args.chunk)
-    ratios = sorted(decode / gemv for decode, gemv in pairs)
-    print(
-        f"our decode streams the weights at {weight_bytes * n / t_ours / 1e9:.1f} GB/s (best run above); "
-        f"paired with the best {args.dtype} GEMV of the LM head in the same second ({args.rounds} rounds of "
-        f"{args.chunk} steps): median {ratios[len(ratios) // 2]:.0%} of the GEMV's bandwidth "
-        f"(range {ratios[0]:.0%}-{ratios[-1]:.0%}; decode {statistics.median(d for d, _ in pairs):.1f} "
-        f"GB/s, GEMV {statistics.median(g for _, g in pairs):.1f} GB/s, best single GEMV at the start "
-        f"{max(gemv.values()):.1f}); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
-    )
-    step_ms = t_ours / n * 1e3
-    n_linears = sum(isinstance(m, Linear) for m in ours.modules())
-    print(
-        f"one decode step {step_ms:.1f} ms (prefill included); its {n_linears} Linear calls alone, "
-        f"back to back: {alone_then * 1e3:.1f} ms = {alone_then * 1e3 / step_ms:.0%} "
-        f"of the step ({weight_bytes / alone_then / 1e9:.1f} GB/s)"
-    )
+    print_bandwidth(ours, idx, args, t_ours, max(gemv.values()), alone_then)
 
 
 if __name__ == "__main__":

@@ -64,19 +64,16 @@ class RowBlocks:
         out_features, in_features = weight.shape
         blocked = out_features // ROW_BLOCKS * ROW_BLOCKS
         self.weight, self.bias, self.in_features, self.blocked = weight, bias, in_features, blocked
+        self.layout = _layout(weight, bias)
         self.blocks = weight[:blocked].view(ROW_BLOCKS, -1, in_features)
-        # the last out_features % 8 rows (e.g. the unpadded 50257-row head), with their bias
-        self.tail, self.tail_bias = weight[blocked:], None if bias is None else bias[blocked:]
         self.bias_blocks = None if bias is None else bias[:blocked].view(ROW_BLOCKS, -1, 1)
+        # the last out_features % 8 rows (e.g. the unpadded 50257-row head) and their bias
+        self.tail, self.tail_bias = weight[blocked:], None if bias is None else bias[blocked:].unsqueeze(1)
 
     def views_of(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Still views of these tensors (not replaced, not given new storage, e.g. by ``.data =``)."""
-        return (
-            self.weight is weight
-            and self.bias is bias
-            and self.blocks.data_ptr() == weight.data_ptr()
-            and (bias is None or self.bias_blocks.data_ptr() == bias.data_ptr())
-        )
+        """Still views of these very tensors as they are laid out now: not replaced, and not given new
+        storage or strides (``.data =``, ``t_()``, ``set_()``)."""
+        return self.weight is weight and self.bias is bias and self.layout == _layout(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -92,11 +89,20 @@ class RowBlocks:
                 y = torch.baddbmm(self.bias_blocks, self.blocks, columns)
             return y.view(shape) if rows == 1 else y.view(-1, rows).t().view(shape)
         y = x.new_empty(shape[-1], rows)  # written in place by both products: no concatenation
-        torch.bmm(self.blocks, columns, out=y[: self.blocked].view(ROW_BLOCKS, -1, rows))
-        torch.mm(self.tail, columns[0], out=y[self.blocked :])
-        if self.bias is not None:
-            y += self.bias.unsqueeze(1)
+        blocked, tail = y[: self.blocked].view(ROW_BLOCKS, -1, rows), y[self.blocked :]
+        if self.bias is None:
+            torch.bmm(self.blocks, columns, out=blocked)
+            torch.mm(self.tail, columns[0], out=tail)
+        else:
+            torch.baddbmm(self.bias_blocks, self.blocks, columns, out=blocked)
+            torch.addmm(self.tail_bias, self.tail, columns[0], out=tail)
         return y.view(shape) if rows == 1 else y.t().view(shape)
+
+
+def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """Where and how the tensors lie: what views made from them depend on."""
+    where = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
+    return where if bias is None else (*where, bias.data_ptr(), bias.stride())
 
 
 def linear_by_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,9 +141,9 @@ def _streaming_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight.clone() for _ in range(copies)]
 
 
-def _each(product: Callable, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> None:
-    for w in weights:
-        product(x, w, bias)
+def _each(products: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> None:
+    for product in products:
+        product(x)
 
 
 @torch.no_grad()
@@ -146,10 +152,12 @@ def calibrate_decode(weight: torch.Tensor, rows: int, has_bias: bool) -> calibra
     weights = _streaming_copies(weight.detach())
     x = torch.full((rows, weight.shape[1]), 0.01, dtype=weight.dtype)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if has_bias else None
-    products = {"linear": F.linear, "bmm": linear_by_row_blocks}
-    candidates = {
-        name: functools.partial(_each, product, x, weights, bias) for name, product in products.items()
+    # each candidate as the model runs it: F.linear, or a RowBlocks made once per weight
+    products = {
+        "linear": [functools.partial(F.linear, weight=w, bias=bias) for w in weights],
+        "bmm": [RowBlocks(w, bias) for w in weights],
     }
+    candidates = {name: functools.partial(_each, each, x) for name, each in products.items()}
     key = decode_shape_class(weight, rows, has_bias)
     return measure_kernels(key, candidates, "linear", products_per_call=len(weights))
 
@@ -299,7 +307,7 @@ class Linear(nn.Linear):
     on this machine: few-row (decode) products, and bf16 ones (see the module docstring); everything else
     is ``F.linear``."""
 
-    _decode: tuple | None = None  # (conditions, RowBlocks or None) of the last few-row call
+    _decode: tuple | None = None  # (conditions, weight, RowBlocks or None) of the last few-row call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each attribute read is a dict look-up: once per call
@@ -313,14 +321,18 @@ class Linear(nn.Linear):
     def _row_blocks(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The row-block product for this few-row call where it was measured faster, else None (F.linear).
 
-        Remembered for the conditions of the call (rows, dtype, autograd, autocast, threads, the forced
-        kernel, the calibration cache) and the weight's storage: decoding asks 49 times per token."""
+        Remembered for the conditions of the call (rows, dtype, device, autograd, autocast, threads, the
+        forced kernel, the calibration cache object: ``clear_memory`` does not reach it) and the weight's
+        layout: decoding asks 49 times per token."""
         if torch.compiler.is_compiling():
             return None
-        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
         conditions = (
             x.numel(),
             x.dtype,
+            x.device,
             grad,
             torch.is_autocast_enabled("cpu"),
             torch.get_num_threads(),
@@ -328,20 +340,32 @@ class Linear(nn.Linear):
             calibration.CALIBRATIONS,
         )
         memo = self._decode
-        if memo is not None and memo[0] == conditions and (memo[1] is None or memo[1].views_of(weight, bias)):
-            return memo[1]
+        if memo is not None and memo[0] == conditions and memo[1] is weight:
+            if memo[2] is None or memo[2].views_of(weight, bias):
+                return memo[2]
         row_blocks = None
         if (
             not grad  # the row blocks serve decoding; under autograd, F.linear
             and x.device.type == "cpu"
             and x.dtype == weight.dtype
-            and not conditions[3]  # autocast: F.linear casts
+            and not conditions[4]  # autocast: F.linear casts
             and weight.is_contiguous()
             and decode_kernel(weight, x.numel() // self.in_features, bias is not None) == "bmm"
         ):
             row_blocks = RowBlocks(weight, bias)
-        self._decode = (conditions, row_blocks)
+        self.__dict__["_decode"] = (conditions, weight, row_blocks)
         return row_blocks
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``: forget the remembered views, which hold the old storage."""
+        self.__dict__.pop("_decode", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the remembered views (and the calibration cache) behind."""
+        state = super().__getstate__()
+        state.pop("_decode", None)
+        return state
 
     def _fp32_wins(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features

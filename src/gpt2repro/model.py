@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -33,13 +33,24 @@ class KVCache:
 
     kv: torch.Tensor
     length: int = 0
+    layers: list[torch.Tensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Each layer's (2, B, n_head, max_len, head_dim) view, made once. select, not unbind, and in grad
-        # mode: both kinds of view refuse some in-place writes (a cache made under no_grad, then used
-        # with autograd on, would refuse every write).
+        # Each layer's (2, B, n_head, max_len, head_dim) view, made once (so ``kv`` is not to be reassigned).
+        # select, not unbind, and in grad mode: both kinds of view refuse some in-place writes (a cache made
+        # under no_grad, then used with autograd on, would refuse every write).
         with torch.enable_grad():
             self.layers = [self.kv[i] for i in range(self.kv.shape[0])]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every layer's keys, (n_layer, B, n_head, max_len, head_dim): a view of ``kv``."""
+        return self.kv[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Every layer's values, shaped as ``keys``."""
+        return self.kv[:, 1]
 
     @classmethod
     def empty(cls, config: GPTConfig, batch: int, max_len: int, device, dtype) -> KVCache:

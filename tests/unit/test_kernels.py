@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -66,12 +67,12 @@ def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch)
             assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
 
     check()
-    first = layer._decode[1]
+    first = layer._decode[2]
     assert isinstance(first, kernels.RowBlocks)
     with torch.no_grad():
         layer.weight.mul_(3)  # in place: the remembered views see it
     check()
-    assert layer._decode[1] is first
+    assert layer._decode[2] is first
     layer.weight = torch.nn.Parameter(torch.randn(72, 32))
     check()
     original, layer = layer, copy.deepcopy(layer)  # a copy made after decoding computes with its own weight
@@ -85,12 +86,59 @@ def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch)
     check()
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "linear")
     check()
-    assert layer._decode[1] is None
+    assert layer._decode[2] is None
     layer.double()
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
     x = x.double()
     check()
-    assert layer._decode[1].blocks.dtype == torch.float64
+    assert layer._decode[2].blocks.dtype == torch.float64
+
+
+def test_remembered_row_blocks_on_an_odd_tail_with_bias_and_after_a_layout_change(monkeypatch):
+    """The uneven case (out % 8 rows go by mm, bias included) is remembered too, and a weight given new
+    strides on the same storage (``t_()``) is noticed."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    torch.manual_seed(1)
+    layer = Linear(24, 75)
+    torch.nn.init.normal_(layer.bias)
+    with torch.no_grad():
+        for rows in (1, 1, 3, 3):
+            x = torch.randn(1, rows, 24)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+        square = Linear(24, 24)
+        x = torch.randn(1, 1, 24)
+        square(x)
+        square.weight.t_()  # same storage, same identity, new strides
+        assert torch.allclose(square(x), F.linear(x, square.weight, square.bias), atol=1e-6)
+
+
+def test_a_trainable_bias_alone_gets_its_gradient(monkeypatch):
+    """A frozen weight with a trainable bias is autograd too: F.linear, even after a no_grad decode."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    layer = Linear(16, 40)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, torch.ones(40))
+
+
+def test_moves_copies_and_pickles_drop_the_remembered_views(monkeypatch):
+    """``.to()`` and friends forget the views (they would keep the old storage alive); a deepcopy or a
+    pickle carries none (nor the calibration cache)."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    layer = Linear(16, 40)
+    with torch.no_grad():
+        layer(torch.randn(1, 16))
+    assert layer._decode is not None
+    assert copy.deepcopy(layer)._decode is None
+    assert pickle.loads(pickle.dumps(layer))._decode is None
+    layer.to(torch.float64)
+    assert layer._decode is None
+    x = torch.randn(1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 def test_forced_kernel_skips_calibration_and_bad_value_is_a_user_error(fresh_cache, monkeypatch):
