@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_reference import SMALL, hf_grad_in_our_layout, hf_twin, our_twin, random_hf_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpt2repro import GPT, GPTConfig
+from gpt2repro import GPT, GPTConfig, kernels
 from gpt2repro.config import PRESETS
 
 
@@ -132,6 +133,41 @@ def test_kv_cache_made_in_one_grad_mode_works_in_another(small_pair, made_under)
         with uses[t % len(uses)]():
             steps.append(ours(x[:, t : t + 1], cache=cache)[0].detach())
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _decode_step_ops(n_layer: int) -> list[str]:
+    """The tensor ops one steady-state decode step dispatches (the third token after a prefill)."""
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=101, block_size=64)).eval()
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        for idx in ([[1, 2, 3]], [[4]]):
+            model(torch.tensor(idx), cache=cache)
+        with _CountOps() as counter:
+            model(torch.tensor([[5]]), cache=cache)
+    return counter.ops
+
+
+def test_a_decode_step_stays_a_few_ops_per_layer(monkeypatch):
+    """Decoding on CPU is bound by its number of ops as much as by its weights: a layer's step is its 4
+    products, 2 LayerNorms, GELU, attention, 2 adds, one KV-cache copy and a few views (28 ops with the
+    row blocks); nothing is rebuilt per token and nothing is concatenated."""
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
+    two, three = _decode_step_ops(2), _decode_step_ops(3)
+    per_layer = len(three) - len(two)
+    assert per_layer <= 30, per_layer
+    assert len(two) - 2 * per_layer <= 20
+    assert three.count("baddbmm") == 12 and three.count("copy_") == 3
+    assert "cat" not in three
 
 
 def test_presets_have_the_published_shapes():
