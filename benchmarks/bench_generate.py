@@ -28,6 +28,7 @@ each shape is chosen by calibration (logged); ``GPT2REPRO_DECODE_KERNEL=linear|b
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -55,13 +56,14 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out
 
 
+# The two GEMV kernels the decode chooses between; the yardstick is the faster one.
+GEMV_KERNELS = {"F.linear": F.linear, "row-block bmm": linear_by_row_blocks}
+
+
 def gemv_bandwidth(weight: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """GB/s at which one row times ``weight`` streams the weight: F.linear and row-block bmm, interleaved."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    kernels = {
-        "F.linear": lambda: F.linear(x, weight),
-        "row-block bmm": lambda: linear_by_row_blocks(x, weight, None),
-    }
+    kernels = {name: functools.partial(product, x, weight, None) for name, product in GEMV_KERNELS.items()}
     best = dict.fromkeys(kernels, float("inf"))
     with torch.inference_mode():
         for run in kernels.values():
@@ -77,7 +79,7 @@ def gemv_bandwidth(weight: torch.Tensor, repeats: int = 5) -> dict[str, float]:
 def gemv_stream_bandwidth(weight: torch.Tensor, kernel: str, calls: int = 4) -> float:
     """GB/s of ``calls`` back-to-back products of one row times ``weight``: a stream, as decoding is."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    product = F.linear if kernel == "F.linear" else linear_by_row_blocks
+    product = GEMV_KERNELS[kernel]
     with torch.inference_mode():
         t, _ = timed(lambda: [product(x, weight, None) for _ in range(calls)])
     return weight.numel() * weight.element_size() * calls / t / 1e9
@@ -94,7 +96,7 @@ def paired_bandwidth(model: GPT, idx: torch.Tensor, rounds: int, chunk: int) -> 
     next(steps)  # the prefill is not a decode step
     pairs = []
     for _ in range(rounds):
-        gemv = max(gemv_stream_bandwidth(head, kernel) for kernel in ("F.linear", "row-block bmm"))
+        gemv = max(gemv_stream_bandwidth(head, kernel) for kernel in GEMV_KERNELS)
         t, _ = timed(lambda: [next(steps) for _ in range(chunk)])
         pairs.append((weight_bytes * chunk / t / 1e9, gemv))
     return pairs

@@ -63,17 +63,11 @@ class RowBlocks:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         out_features, in_features = weight.shape
         blocked = out_features // ROW_BLOCKS * ROW_BLOCKS
-        self.weight, self.bias, self.in_features, self.blocked = weight, bias, in_features, blocked
-        self.layout = _layout(weight, bias)
+        self.in_features, self.blocked = in_features, blocked
         self.blocks = weight[:blocked].view(ROW_BLOCKS, -1, in_features)
         self.bias_blocks = None if bias is None else bias[:blocked].view(ROW_BLOCKS, -1, 1)
         # the last out_features % 8 rows (e.g. the unpadded 50257-row head) and their bias
         self.tail, self.tail_bias = weight[blocked:], None if bias is None else bias[blocked:].unsqueeze(1)
-
-    def views_of(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Still views of these very tensors as they are laid out now: not replaced, and not given new
-        storage or strides (``.data =``, ``t_()``, ``set_()``)."""
-        return self.weight is weight and self.bias is bias and self.layout == _layout(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -90,7 +84,7 @@ class RowBlocks:
             return y.view(shape) if rows == 1 else y.view(-1, rows).t().view(shape)
         y = x.new_empty(shape[-1], rows)  # written in place by both products: no concatenation
         blocked, tail = y[: self.blocked].view(ROW_BLOCKS, -1, rows), y[self.blocked :]
-        if self.bias is None:
+        if self.bias_blocks is None:
             torch.bmm(self.blocks, columns, out=blocked)
             torch.mm(self.tail, columns[0], out=tail)
         else:
@@ -100,7 +94,8 @@ class RowBlocks:
 
 
 def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """Where and how the tensors lie: what views made from them depend on."""
+    """Where and how the tensors lie: all that views made from them depend on (``.data =``, ``t_()``,
+    ``set_()`` or a new parameter change it; the views keep their storage alive, so it is never reused)."""
     where = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
     return where if bias is None else (*where, bias.data_ptr(), bias.stride())
 
@@ -307,7 +302,7 @@ class Linear(nn.Linear):
     on this machine: few-row (decode) products, and bf16 ones (see the module docstring); everything else
     is ``F.linear``."""
 
-    _decode: tuple | None = None  # (conditions, weight, RowBlocks or None) of the last few-row call
+    _decode: tuple | None = None  # (conditions and layout, RowBlocks or None) of the last few-row call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each attribute read is a dict look-up: once per call
@@ -322,38 +317,39 @@ class Linear(nn.Linear):
         """The row-block product for this few-row call where it was measured faster, else None (F.linear).
 
         Remembered for the conditions of the call (rows, dtype, device, autograd, autocast, threads, the
-        forced kernel, the calibration cache object: ``clear_memory`` does not reach it) and the weight's
-        layout: decoding asks 49 times per token."""
+        forced kernel, the calibration cache object: ``clear_memory`` does not reach it) and the layout of
+        the weight and bias: decoding asks 49 times per token."""
         if torch.compiler.is_compiling():
             return None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
+        autocast = torch.is_autocast_enabled("cpu")
         conditions = (
             x.numel(),
             x.dtype,
             x.device,
             grad,
-            torch.is_autocast_enabled("cpu"),
+            autocast,
             torch.get_num_threads(),
             os.environ.get(DECODE_KERNEL_ENV),
             calibration.CALIBRATIONS,
+            *_layout(weight, bias),
         )
         memo = self._decode
-        if memo is not None and memo[0] == conditions and memo[1] is weight:
-            if memo[2] is None or memo[2].views_of(weight, bias):
-                return memo[2]
+        if memo is not None and memo[0] == conditions:
+            return memo[1]
         row_blocks = None
         if (
             not grad  # the row blocks serve decoding; under autograd, F.linear
             and x.device.type == "cpu"
             and x.dtype == weight.dtype
-            and not conditions[4]  # autocast: F.linear casts
+            and not autocast  # F.linear casts
             and weight.is_contiguous()
             and decode_kernel(weight, x.numel() // self.in_features, bias is not None) == "bmm"
         ):
             row_blocks = RowBlocks(weight, bias)
-        self.__dict__["_decode"] = (conditions, weight, row_blocks)
+        self.__dict__["_decode"] = (conditions, row_blocks)
         return row_blocks
 
     def _apply(self, fn, recurse=True):

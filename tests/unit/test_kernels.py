@@ -67,12 +67,12 @@ def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch)
             assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
 
     check()
-    first = layer._decode[2]
+    first = layer._decode[1]
     assert isinstance(first, kernels.RowBlocks)
     with torch.no_grad():
         layer.weight.mul_(3)  # in place: the remembered views see it
     check()
-    assert layer._decode[2] is first
+    assert layer._decode[1] is first
     layer.weight = torch.nn.Parameter(torch.randn(72, 32))
     check()
     original, layer = layer, copy.deepcopy(layer)  # a copy made after decoding computes with its own weight
@@ -86,12 +86,12 @@ def test_remembered_row_blocks_follow_the_weight_and_the_conditions(monkeypatch)
     check()
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "linear")
     check()
-    assert layer._decode[2] is None
+    assert layer._decode[1] is None
     layer.double()
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "bmm")
     x = x.double()
     check()
-    assert layer._decode[2].blocks.dtype == torch.float64
+    assert layer._decode[1].blocks.dtype == torch.float64
 
 
 def test_remembered_row_blocks_on_an_odd_tail_with_bias_and_after_a_layout_change(monkeypatch):
