@@ -16,8 +16,9 @@ memory traffic; ``--threads 1`` measures the loops themselves.
 
 Decoding one token reads every weight once, so its ceiling is memory bandwidth. The bench prints a
 GEMV of the LM head's shape in the models' dtype (F.linear and the row-block bmm of
-gpt2repro.kernels, best of 5) and, for the decode/GEMV ratio, pairs taken back to back inside one
-generation: a stream of 4 head GEMVs with each kernel (the faster one counts), then ``--chunk`` decode
+gpt2repro.kernels, and for bf16 the compiled product of gpt2repro.compiled_gemv; best of 5) and, for the
+decode/GEMV ratio, pairs taken back to back inside one generation: a stream of 4 head GEMVs with each
+kernel (the fastest one counts), then ``--chunk`` decode
 steps, ``--rounds`` times; the median ratio of the pairs is the figure (the host's bandwidth swings
 too much between minutes for one GEMV at the start to be the yardstick). It also times one step's own
 products alone (each of the model's Linears called on one row, back to back, with nothing in
@@ -42,6 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from gpt2repro import GPT
 from gpt2repro.calibration import best_interleaved, describe_cpu
+from gpt2repro.compiled_gemv import HALF_DTYPES, linear_compiled
 from gpt2repro.kernels import Linear, linear_by_row_blocks
 from gpt2repro.sample import SamplingOptions, stream_tokens
 from gpt2repro.tokenizer import get_tokenizer
@@ -56,14 +58,19 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out
 
 
-# The two GEMV kernels the decode chooses between; the yardstick is the faster one.
-GEMV_KERNELS = {"F.linear": F.linear, "row-block bmm": linear_by_row_blocks}
+def gemv_kernels(dtype: torch.dtype) -> dict:
+    """The GEMV kernels the decode chooses between for weights of ``dtype``; the yardstick is the fastest."""
+    kernels = {"F.linear": F.linear, "row-block bmm": linear_by_row_blocks}
+    if dtype in HALF_DTYPES:
+        kernels["compiled"] = linear_compiled
+    return kernels
 
 
 def gemv_bandwidth(weight: torch.Tensor, repeats: int = 5) -> dict[str, float]:
-    """GB/s at which one row times ``weight`` streams the weight: F.linear and row-block bmm, interleaved."""
+    """GB/s at which one row times ``weight`` streams the weight: each GEMV kernel, interleaved."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    kernels = {name: functools.partial(product, x, weight, None) for name, product in GEMV_KERNELS.items()}
+    products = gemv_kernels(weight.dtype)
+    kernels = {name: functools.partial(product, x, weight, None) for name, product in products.items()}
     best = dict.fromkeys(kernels, float("inf"))
     with torch.inference_mode():
         for run in kernels.values():
@@ -79,7 +86,7 @@ def gemv_bandwidth(weight: torch.Tensor, repeats: int = 5) -> dict[str, float]:
 def gemv_stream_bandwidth(weight: torch.Tensor, kernel: str, calls: int = 4) -> float:
     """GB/s of ``calls`` back-to-back products of one row times ``weight``: a stream, as decoding is."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    product = GEMV_KERNELS[kernel]
+    product = gemv_kernels(weight.dtype)[kernel]
     with torch.inference_mode():
         t, _ = timed(lambda: [product(x, weight, None) for _ in range(calls)])
     return weight.numel() * weight.element_size() * calls / t / 1e9
@@ -87,7 +94,7 @@ def gemv_stream_bandwidth(weight: torch.Tensor, kernel: str, calls: int = 4) -> 
 
 def paired_bandwidth(model: GPT, idx: torch.Tensor, rounds: int, chunk: int) -> list[tuple[float, float]]:
     """(decode GB/s, GEMV GB/s) of ``rounds`` pairs taken back to back within one greedy generation: a
-    stream of the LM head's GEMV (the faster of F.linear and the row-block bmm, 4 products each), then
+    stream of the LM head's GEMV (the fastest of the GEMV kernels, 4 products each), then
     ``chunk`` decode steps. On a shared host memory bandwidth swings by 20-30% from one minute to the
     next, so the decode is compared with the bandwidth of the same second, not of the start of the run."""
     head = model.lm_head.weight.detach()
@@ -96,7 +103,7 @@ def paired_bandwidth(model: GPT, idx: torch.Tensor, rounds: int, chunk: int) -> 
     next(steps)  # the prefill is not a decode step
     pairs = []
     for _ in range(rounds):
-        gemv = max(gemv_stream_bandwidth(head, kernel) for kernel in GEMV_KERNELS)
+        gemv = max(gemv_stream_bandwidth(head, kernel) for kernel in gemv_kernels(head.dtype))
         t, _ = timed(lambda: [next(steps) for _ in range(chunk)])
         pairs.append((weight_bytes * chunk / t / 1e9, gemv))
     return pairs

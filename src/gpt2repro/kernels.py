@@ -6,16 +6,19 @@ right, so every choice here is a short calibration at first use, cached per shap
 
 - Decoding multiplies one to four rows by each weight matrix: a GEMV that MKL streams at under half the
   memory bandwidth on AMD EPYC (where splitting the weight into row blocks and calling ``bmm`` doubles
-  decoding) but near full bandwidth on Intel with AMX (where the same ``bmm`` halves it). Candidates are
-  timed on weights that stream from memory as a real model's do.
+  decoding) but near full bandwidth on Intel with AMX (where the same ``bmm`` halves it). Half-precision
+  weights have a third candidate, a kernel inductor compiles for the shape (gpt2repro.compiled_gemv):
+  torch's bf16 GEMVs convert element by element. Candidates are timed on weights that stream from memory
+  as a real model's do.
 - bf16 products (autocast or bf16 weights): AMX and AVX512-BF16 multiply bf16 natively, several times
   faster than fp32; a CPU without them (AVX2) runs torch's bf16 GEMMs 8x slower than fp32, and the
   backward's ``grad @ weight`` at under 1 GFLOP/s. There the product is computed in fp32 on the
   bf16-rounded operands and rounded to bf16 once: what a bf16 GEMM with fp32 accumulation returns (the
   same numbers up to summation order), at fp32 speed. Likewise attention.
 
-Environment: ``GPT2REPRO_DECODE_KERNEL=auto|bmm|linear`` and ``GPT2REPRO_BF16_KERNEL=auto|native|fp32``
-force a kernel (no calibration); ``GPT2REPRO_KERNEL_CACHE=0`` measures afresh in each process.
+Environment: ``GPT2REPRO_DECODE_KERNEL=auto|bmm|linear|compiled`` and
+``GPT2REPRO_BF16_KERNEL=auto|native|fp32`` force a kernel (no calibration); ``GPT2REPRO_KERNEL_CACHE=0``
+measures afresh in each process.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2repro import calibration
+from gpt2repro import calibration, compiled_gemv
 from gpt2repro.calibration import last_level_cache_bytes, measure_kernels
 
 DECODE_KERNEL_ENV = "GPT2REPRO_DECODE_KERNEL"
@@ -43,11 +46,12 @@ def _bucket(n: int, cap: int = 1 << 62) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding: F.linear or the same product as a bmm over row blocks of the weight.
+# Decoding: F.linear, the same product as a bmm over row blocks of the weight, or (half-precision weights)
+# a kernel compiled for the shape.
 
 ROW_BLOCKS = 8
 MAX_DECODE_ROWS = 4  # beyond a few rows the product is a GEMM again and MKL's own kernel wins everywhere
-DECODE_KERNELS = ("linear", "bmm")
+DECODE_KERNELS = ("linear", "bmm", "compiled")
 _POOL_MAX_COPIES = 32  # enough to overflow a 32 MiB L3 with a 768x768 fp32 weight; more calls cost time
 
 
@@ -115,9 +119,11 @@ def _shape_class(
 ) -> str:
     """The key of a decode calibration; cached, because it is asked for by every Linear at every token."""
     name = str(dtype).removeprefix("torch.")
+    # the candidates are part of the key: a choice made before "compiled" existed is measured again
+    candidates = "/linear+bmm+compiled" if dtype in compiled_gemv.HALF_DTYPES else ""
     return (
         f"decode/{name}/out{_bucket(out_features)}/in{_bucket(in_features)}/rows{rows}/"
-        f"{'bias' if bias else 'nobias'}/threads{threads}"
+        f"{'bias' if bias else 'nobias'}/threads{threads}{candidates}"
     )
 
 
@@ -143,22 +149,28 @@ def _each(products: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tenso
 
 @torch.no_grad()
 def calibrate_decode(weight: torch.Tensor, rows: int, has_bias: bool) -> calibration.KernelChoice:
-    """Time F.linear against the row-block bmm for ``rows`` rows times ``weight`` (interleaved, best of 5)."""
+    """Time F.linear, the row-block bmm and, for half-precision weights, the compiled product for ``rows``
+    rows times ``weight`` (interleaved, best of 5; compiling is not timed)."""
     weights = _streaming_copies(weight.detach())
     x = torch.full((rows, weight.shape[1]), 0.01, dtype=weight.dtype)
     bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if has_bias else None
-    # each candidate as the model runs it: F.linear, or a RowBlocks made once per weight
+    # each candidate as the model runs it: F.linear, or a RowBlocks / CompiledRows made once per weight
     products = {
         "linear": [functools.partial(F.linear, weight=w, bias=bias) for w in weights],
         "bmm": [RowBlocks(w, bias) for w in weights],
     }
+    half = weight.dtype in compiled_gemv.HALF_DTYPES
+    compiled = compiled_gemv.compiled_product(weight, rows, has_bias) if half else None
+    if compiled is not None:
+        products["compiled"] = [compiled_gemv.CompiledRows(w, bias, compiled) for w in weights]
     candidates = {name: functools.partial(_each, each, x) for name, each in products.items()}
     key = decode_shape_class(weight, rows, has_bias)
     return measure_kernels(key, candidates, "linear", products_per_call=len(weights))
 
 
 def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
-    """ "bmm" or "linear" for ``rows`` rows times ``weight`` on this CPU: forced by the env, else measured."""
+    """ "linear", "bmm" or "compiled" for ``rows`` rows times ``weight`` on this CPU: forced by the env,
+    else measured."""
     key = decode_shape_class(weight, rows, has_bias)
     measure = functools.partial(calibrate_decode, weight, rows, has_bias)
     return calibration.chosen_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS, key, measure)
@@ -302,19 +314,20 @@ class Linear(nn.Linear):
     on this machine: few-row (decode) products, and bf16 ones (see the module docstring); everything else
     is ``F.linear``."""
 
-    _decode: tuple | None = None  # (conditions and layout, RowBlocks or None) of the last few-row call
+    _decode: tuple | None = None  # (conditions and layout, the product or None) of the last few-row call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each attribute read is a dict look-up: once per call
         if x.numel() <= MAX_DECODE_ROWS * self.in_features:
-            row_blocks = self._row_blocks(x, weight, bias) if x.numel() else None
-            return F.linear(x, weight, bias) if row_blocks is None else row_blocks(x)
+            product = self._few_row_product(x, weight, bias) if x.numel() else None
+            return F.linear(x, weight, bias) if product is None else product(x)
         if x.device.type == "cpu" and computes_in_bf16(x, weight) and self._fp32_wins(x, weight):
             return linear_in_fp32(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def _row_blocks(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        """The row-block product for this few-row call where it was measured faster, else None (F.linear).
+    def _few_row_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The row-block or compiled product for this few-row call where one was measured faster, else None
+        (F.linear).
 
         Remembered for the conditions of the call (rows, dtype, device, autograd, autocast, threads, the
         forced kernel, the calibration cache object: ``clear_memory`` does not reach it) and the layout of
@@ -339,18 +352,22 @@ class Linear(nn.Linear):
         memo = self._decode
         if memo is not None and memo[0] == conditions:
             return memo[1]
-        row_blocks = None
+        product = kernel = None
         if (
-            not grad  # the row blocks serve decoding; under autograd, F.linear
+            not grad  # these products serve decoding; under autograd, F.linear
             and x.device.type == "cpu"
             and x.dtype == weight.dtype
             and not autocast  # F.linear casts
             and weight.is_contiguous()
-            and decode_kernel(weight, x.numel() // self.in_features, bias is not None) == "bmm"
         ):
-            row_blocks = RowBlocks(weight, bias)
-        self.__dict__["_decode"] = (conditions, row_blocks)
-        return row_blocks
+            rows = x.numel() // self.in_features
+            kernel = decode_kernel(weight, rows, bias is not None)
+        if kernel == "bmm":
+            product = RowBlocks(weight, bias)
+        elif kernel == "compiled":
+            product = compiled_gemv.compiled_rows(weight, bias, rows)
+        self.__dict__["_decode"] = (conditions, product)
+        return product
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``: forget the remembered views, which hold the old storage."""

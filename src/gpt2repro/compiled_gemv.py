@@ -1,0 +1,98 @@
+"""A few rows times a weight by a kernel that inductor generates for that one shape: the decode GEMV of
+half-precision weights.
+
+torch 2.13's CPU GEMV of bf16/fp16 weights (``F.linear``, ``bmm``) converts and accumulates element by
+element: on an AMD EPYC with AVX512-BF16 it streamed bf16 weights at 7-13 GB/s, so a bf16 model decoded
+slower than the fp32 one it was meant to speed up. The same product written as a multiply-and-sum in fp32
+and compiled by ``torch.compile`` (inductor's C++ backend: vectorised, OpenMP over the output rows)
+streamed them at 13-36 GB/s there. It is a candidate of the decode calibration (gpt2repro.kernels) for
+half-precision weights, where it competes with torch's kernels by measurement; fp32 weights keep MKL's
+GEMV and the row-block ``bmm``, whose speed it matched there, without the compile.
+
+Compiling costs ~1.5 s per shape the first time on a machine (inductor caches the result on disk) and
+~2 s per process to load inductor. A machine without a working C++ compiler, or any inductor failure,
+leaves the candidate out with one logged line: decoding falls back to torch's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger("gpt2repro")
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+_COMPILED: dict[tuple, Product | None] = {}
+
+
+def _rows_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for 2-D ``x``, accumulated in fp32 and rounded once, as a bf16 GEMM
+    with fp32 accumulation is; written so inductor fuses it into one pass over the weight."""
+    y = (weight.float() * x.float().unsqueeze(-2)).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _fresh_copy(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps compiled variants per code object and stops
+    compiling (silently running eager) past a handful, and a model has many shapes."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+
+
+def compiled_product(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
+    """The compiled product for ``rows`` rows times a weight of this shape and dtype (compiled once per
+    process), or None where compiling fails here."""
+    key = (tuple(weight.shape), weight.dtype, rows, has_bias, torch.get_num_threads())
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(weight, rows, has_bias)
+    return _COMPILED[key]
+
+
+def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
+    out_features, in_features = weight.shape
+    name = f"rows{rows}_times_{out_features}x{in_features}"
+    product = torch.compile(_fresh_copy(_rows_times_weight, name), dynamic=False, fullgraph=True)
+    x = torch.zeros(rows, in_features, dtype=weight.dtype)
+    bias = torch.zeros(out_features, dtype=weight.dtype) if has_bias else None
+    try:
+        with torch.inference_mode():  # compile now, where a failure can still be caught
+            product(x, weight.detach(), bias)
+    except Exception as e:  # noqa: BLE001 - any inductor failure: the candidate is left out
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("no compiled decode kernel here (%s); torch's kernels decode instead", first_line)
+        return None
+    return product
+
+
+class CompiledRows:
+    """``F.linear`` by one weight for a few rows, through the compiled product of its shape."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, product: Product):
+        # detached: the compiled code is guarded on requires_grad, and decoding needs no graph
+        self.weight, self.product = weight.detach(), product
+        self.bias = None if bias is None else bias.detach()
+        self.in_features = weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def compiled_rows(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> CompiledRows | None:
+    """A ``CompiledRows`` for ``rows`` rows times ``weight``, or None where compiling fails."""
+    product = compiled_product(weight, rows, bias is not None)
+    return None if product is None else CompiledRows(weight, bias, product)
+
+
+def linear_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows of ``x`` by the compiled product (F.linear where
+    compiling fails)."""
+    rows = x.numel() // weight.shape[1]
+    product = compiled_rows(weight, bias, rows)
+    return torch.nn.functional.linear(x, weight, bias) if product is None else product(x)
