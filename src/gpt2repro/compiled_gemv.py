@@ -58,11 +58,13 @@ def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
     out_features, in_features = weight.shape
     name = f"rows{rows}_times_{out_features}x{in_features}"
     product = torch.compile(_fresh_copy(_rows_times_weight, name), dynamic=False, fullgraph=True)
-    x = torch.zeros(rows, in_features, dtype=weight.dtype)
-    bias = torch.zeros(out_features, dtype=weight.dtype) if has_bias else None
+    # compile now, where a failure can still be caught, for tensors like decoding's (dynamo guards on how
+    # each was made: a mismatch compiles again): parameters made outside inference_mode, x inside it
+    with torch.inference_mode(False):  # decoding calls in here under inference_mode
+        bias = torch.zeros(out_features, dtype=weight.dtype) if has_bias else None
     try:
-        with torch.inference_mode():  # compile now, where a failure can still be caught
-            product(x, weight.detach(), bias)
+        with torch.inference_mode():
+            product(torch.zeros(rows, in_features, dtype=weight.dtype), weight.detach(), bias)
     except Exception as e:  # noqa: BLE001 - any inductor failure: the candidate is left out
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         log.warning("no compiled decode kernel here (%s); torch's kernels decode instead", first_line)

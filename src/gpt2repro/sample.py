@@ -176,14 +176,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument(
-        "--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where native or measured faster)"
+        "--dtype", default="auto", help="fp32, bf16, fp16 or auto (fp32 on CPU; bf16 on GPUs that have it)"
     )
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
 
 
 def run(args: argparse.Namespace) -> int:
     from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE
-    from gpt2repro.runtime import autocast, parse_dtype, pick_device, seeded_generator
+    from gpt2repro.runtime import inference_precision, pick_device, sampling_dtype, seeded_generator
     from gpt2repro.tokenizer import EOT, get_tokenizer
     from gpt2repro.weights import load_or_init
 
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         stop_token=EOT_TOKEN_ID if args.stop_at_eot else None,
     )
     device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    dtype = sampling_dtype(args.dtype, device)
     model = load_or_init(args.model, args.model_preset, args.seed)
     if model.config.vocab_size > GPT2_VOCAB_SIZE:
         raise UserError(
@@ -217,11 +217,12 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = prompt_ids[-context:]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     options = dataclasses.replace(options, generator=seeded_generator(args.seed, device))
+    precision = inference_precision(model, device, dtype)
     try:
         for i in range(args.num_samples):
             if args.num_samples > 1:
                 sys.stdout.write(f"{chr(10) if i else ''}--- sample {i + 1}/{args.num_samples} ---\n")
-            with autocast(device, dtype):
+            with precision:
                 print_sample(model, enc, args.prompt, idx, args.max_new_tokens, options)
     except BrokenPipeError:  # `gpt2repro sample ... | head`: the reader left, nothing went wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -144,3 +144,18 @@ def test_linear_decodes_through_the_compiled_product_where_measured_fastest(fres
     assert layer._decode is None
     layer(x.float().requires_grad_()).sum().backward()  # autograd: F.linear, never the compiled product
     assert layer._decode[1] is None and layer.weight.grad is not None
+
+
+def test_decoding_reuses_the_kernel_compiled_at_first_use():
+    """Compiled inside decoding's inference_mode, for parameters made outside it: the next call is served
+    by that kernel, not compiled again (dynamo guards on how each tensor was made)."""
+    from torch._dynamo.utils import counters
+
+    layer = Linear(40, 72).bfloat16()
+    with torch.inference_mode():
+        product = compiled_gemv.compiled_rows(layer.weight, layer.bias, 1)
+        graphs = counters["stats"]["unique_graphs"]
+        got = product(torch.ones(1, 1, 40).bfloat16())
+    assert counters["stats"]["unique_graphs"] == graphs
+    expected = _one_rounding_of_exact(torch.ones(1, 1, 40).bfloat16(), layer.weight, layer.bias)
+    assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)

@@ -238,6 +238,32 @@ def test_cli_streams_exactly_the_decoded_tokens(capsys):
     assert out == get_tokenizer().decode(model.generate(idx, 25, temperature=0)[0].tolist()) + "\n"
 
 
+def test_cli_bf16_on_cpu_decodes_with_bf16_weights_not_autocast(capsys, monkeypatch):
+    """On CPU, ``--dtype bf16`` casts the weights once (autocast would convert every weight at every
+    token): the text is that of the bf16-cast model's own greedy generation, with autocast off. ``auto``
+    is fp32 there."""
+    import gpt2repro.sample as sample_module
+
+    seen = []
+    real = sample_module.print_sample
+
+    def spy(model, *args):
+        seen.append((torch.is_autocast_enabled("cpu"), model.lm_head.weight.dtype))
+        return real(model, *args)
+
+    monkeypatch.setattr(sample_module, "print_sample", spy)
+    args = ["--model-preset", "gpt2-micro", "--greedy", "--max-new-tokens", "20", "--prompt", PROMPT]
+    out = run_cli(capsys, *args, "--dtype", "bf16")
+    assert seen == [(False, torch.bfloat16)]
+    torch.manual_seed(42)  # the CLI seeds the random init with --seed
+    model = GPT(GPTConfig.preset("gpt2-micro")).eval().to(torch.bfloat16)
+    expected = model.generate(prompt_ids(), 20, temperature=0)[0].tolist()
+    assert out == get_tokenizer().decode(expected) + "\n"
+    seen.clear()
+    run_cli(capsys, *args)  # --dtype auto: fp32 on CPU, whatever the CPU trains fastest in
+    assert seen == [(False, torch.float32)]
+
+
 def test_cli_samples_are_reproducible_and_one_block_each(capsys):
     args = ["--model-preset", "gpt2-micro", "--num-samples", "3", "--max-new-tokens", "12", "--seed", "7"]
     first = run_cli(capsys, *args)
