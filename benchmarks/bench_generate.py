@@ -16,7 +16,7 @@ memory traffic; ``--threads 1`` measures the loops themselves.
 
 Decoding one token reads every weight once, so its ceiling is memory bandwidth. The bench prints a
 GEMV of the LM head's shape in the models' dtype (F.linear and the row-block bmm of
-gpt2repro.kernels, and for bf16 the compiled product of gpt2repro.compiled_gemv; best of 5) and, for the
+gpt2repro.kernels, and for bf16/fp16 the compiled product of gpt2repro.compiled_gemv; best of 5) and, for the
 decode/GEMV ratio, pairs taken back to back inside one generation: a stream of 4 head GEMVs with each
 kernel (the fastest one counts), then ``--chunk`` decode
 steps, ``--rounds`` times; the median ratio of the pairs is the figure (the host's bandwidth swings

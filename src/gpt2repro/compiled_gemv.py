@@ -10,8 +10,9 @@ half-precision weights, where it competes with torch's kernels by measurement; f
 GEMV and the row-block ``bmm``, whose speed it matched there, without the compile.
 
 Compiling costs ~1.5 s per shape the first time on a machine (inductor caches the result on disk) and
-~2 s per process to load inductor. A machine without a working C++ compiler, or any inductor failure,
-leaves the candidate out with one logged line: decoding falls back to torch's kernels.
+~4 s per process to load dynamo and inductor. A machine without a working C++ compiler, dynamo switched
+off (``TORCHDYNAMO_DISABLE=1``), or any inductor failure leaves the candidate out for the rest of the
+process with one logged line: decoding falls back to torch's kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 _COMPILED: dict[tuple, Product | None] = {}
+_UNAVAILABLE: list[str] = []  # why compiling failed in this process: no other shape is tried after it
 
 
 def _rows_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -40,21 +42,35 @@ def _rows_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def _fresh_copy(fn: Callable, name: str) -> Callable:
-    """``fn`` with a code object of its own: dynamo keeps compiled variants per code object and stops
-    compiling (silently running eager) past a handful, and a model has many shapes."""
+    """``fn`` with a code object of its own: dynamo keeps compiled variants per code object and refuses
+    more than a handful (with ``fullgraph``, by raising), and a model has many shapes."""
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
 
 
 def compiled_product(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
     """The compiled product for ``rows`` rows times a weight of this shape and dtype (compiled once per
     process), or None where compiling fails here."""
+    if _UNAVAILABLE:
+        return None
     key = (tuple(weight.shape), weight.dtype, rows, has_bias, torch.get_num_threads())
     if key not in _COMPILED:
         _COMPILED[key] = _compile(weight, rows, has_bias)
     return _COMPILED[key]
 
 
+def _give_up(why: Exception | str) -> None:
+    """No compiled products for the rest of the process, said once."""
+    reason = why if isinstance(why, str) else (str(why).strip().splitlines() or [type(why).__name__])[0]
+    _UNAVAILABLE.append(reason)
+    log.warning("no compiled decode kernel here (%s); torch's kernels decode instead", reason)
+
+
 def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
+    import torch._dynamo  # loaded by the first compile anyway
+
+    if torch._dynamo.config.disable:  # torch.compile would return the eager function
+        _give_up("dynamo is disabled, TORCHDYNAMO_DISABLE")
+        return None
     out_features, in_features = weight.shape
     name = f"rows{rows}_times_{out_features}x{in_features}"
     product = torch.compile(_fresh_copy(_rows_times_weight, name), dynamic=False, fullgraph=True)
@@ -66,10 +82,13 @@ def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
         with torch.inference_mode():
             product(torch.zeros(rows, in_features, dtype=weight.dtype), weight.detach(), bias)
     except Exception as e:  # noqa: BLE001 - any inductor failure: the candidate is left out
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log.warning("no compiled decode kernel here (%s); torch's kernels decode instead", first_line)
+        _give_up(e)
         return None
     return product
+
+
+def _f_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 class CompiledRows:
@@ -82,7 +101,15 @@ class CompiledRows:
         self.in_features = weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.product(x.reshape(-1, self.in_features), self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features).contiguous()  # the layout it was compiled for
+        try:
+            y = self.product(rows, self.weight, self.bias)
+        except Exception as e:  # noqa: BLE001 - e.g. a recompile refused: F.linear from now on
+            if self.product is _f_linear:
+                raise
+            _give_up(e)
+            self.product = _f_linear
+            y = _f_linear(rows, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -97,4 +124,4 @@ def linear_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     compiling fails)."""
     rows = x.numel() // weight.shape[1]
     product = compiled_rows(weight, bias, rows)
-    return torch.nn.functional.linear(x, weight, bias) if product is None else product(x)
+    return _f_linear(x, weight, bias) if product is None else product(x)

@@ -151,9 +151,12 @@ def _each(products: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tenso
 def calibrate_decode(weight: torch.Tensor, rows: int, has_bias: bool) -> calibration.KernelChoice:
     """Time F.linear, the row-block bmm and, for half-precision weights, the compiled product for ``rows``
     rows times ``weight`` (interleaved, best of 5; compiling is not timed)."""
-    weights = _streaming_copies(weight.detach())
-    x = torch.full((rows, weight.shape[1]), 0.01, dtype=weight.dtype)
-    bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if has_bias else None
+    # tensors made as decoding's are (dynamo guards on it): parameters outside inference_mode, x inside
+    with torch.inference_mode(False):
+        weights = _streaming_copies(weight.detach())
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if has_bias else None
+    with torch.inference_mode():
+        x = torch.full((rows, weight.shape[1]), 0.01, dtype=weight.dtype)
     # each candidate as the model runs it: F.linear, or a RowBlocks / CompiledRows made once per weight
     products = {
         "linear": [functools.partial(F.linear, weight=w, bias=bias) for w in weights],
@@ -173,7 +176,14 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
     else measured."""
     key = decode_shape_class(weight, rows, has_bias)
     measure = functools.partial(calibrate_decode, weight, rows, has_bias)
-    return calibration.chosen_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS, key, measure)
+    half = weight.dtype in compiled_gemv.HALF_DTYPES
+
+    def persist(choice: calibration.KernelChoice) -> bool:
+        """Clear cuts go to disk, but not a half-precision one measured without the compiled candidate
+        (it failed to compile in that process): with a compiler installed later, it is measured again."""
+        return choice.clear_cut() and (not half or "compiled" in choice.us)
+
+    return calibration.chosen_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS, key, measure, persist)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +363,7 @@ class Linear(nn.Linear):
         if memo is not None and memo[0] == conditions:
             return memo[1]
         product = kernel = None
+        rows = x.numel() // self.in_features
         if (
             not grad  # these products serve decoding; under autograd, F.linear
             and x.device.type == "cpu"
@@ -360,7 +371,6 @@ class Linear(nn.Linear):
             and not autocast  # F.linear casts
             and weight.is_contiguous()
         ):
-            rows = x.numel() // self.in_features
             kernel = decode_kernel(weight, rows, bias is not None)
         if kernel == "bmm":
             product = RowBlocks(weight, bias)

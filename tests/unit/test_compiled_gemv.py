@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,19 @@ from gpt2repro import compiled_gemv, kernels
 from gpt2repro.calibration import KernelChoice
 from gpt2repro.kernels import Linear
 
+# These compile for real: inductor needs a C++ compiler (CI's machines have one; without one the feature
+# falls back, which the tests below that need none check).
+requires_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="no C++ compiler for inductor on this machine",
+)
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """A process where compiling has not failed yet (a failure is remembered for the process)."""
+    monkeypatch.setattr(compiled_gemv, "_UNAVAILABLE", [])
+
 
 def _one_rounding_of_exact(x, weight, bias) -> torch.Tensor:
     """The fp32 product of the half-precision operands, rounded to their dtype once."""
@@ -24,10 +38,11 @@ def _one_rounding_of_exact(x, weight, bias) -> torch.Tensor:
     return exact.to(x.dtype)
 
 
+@requires_cxx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("out_features,bias", [(203, True), (64, False)])
-def test_compiled_product_is_f_linear_accumulated_in_fp32(dtype, rows, out_features, bias):
+def test_compiled_product_is_f_linear_accumulated_in_fp32(dtype, rows, out_features, bias, compiling):
     """Within one rounding of the exact product (a GEMM with fp32 accumulation returns that, up to
     summation order), and as close to torch's own F.linear as bf16 allows."""
     torch.manual_seed(rows)
@@ -46,7 +61,9 @@ def test_compiled_product_is_f_linear_accumulated_in_fp32(dtype, rows, out_featu
     assert (got.float() - torch_own).abs().max() <= 4 * ulp.max()
 
 
-def test_every_shape_gets_its_own_kernel_past_dynamo_s_recompile_limit():
+@requires_cxx
+@pytest.mark.slow
+def test_every_shape_gets_its_own_kernel_past_dynamo_s_recompile_limit(compiling):
     """Dynamo stops compiling one function after 8 variants (fullgraph: an error); each shape compiles a
     code object of its own, so a 12-layer model's many shapes all get compiled."""
     shapes = [(8 * (n + 1) + 1, 24) for n in range(10)]
@@ -57,22 +74,35 @@ def test_every_shape_gets_its_own_kernel_past_dynamo_s_recompile_limit():
     assert again is products[0]  # once per shape and process
 
 
-def test_a_failing_compile_leaves_torch_s_kernels(monkeypatch, caplog):
+def test_a_failing_compile_leaves_torch_s_kernels(monkeypatch, caplog, compiling, fresh_cache):
     """Inductor failing (here: a stand-in whose first call raises, as a missing compiler does) is one
-    logged line; the calibration leaves "compiled" out and a forced "compiled" decodes with F.linear."""
+    logged line for the whole process, not one per shape; the calibration leaves "compiled" out (and that
+    choice off the disk), and a forced "compiled" decodes with F.linear."""
+    compiles = []
 
     def broken(fn, **kwargs):
         def first_call(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-        return first_call
+        return compiles.append(fn) or first_call
 
     monkeypatch.setattr(compiled_gemv, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken)
     weight = torch.randn(40, 16).bfloat16()
     with caplog.at_level(logging.WARNING, logger="gpt2repro"):
         assert compiled_gemv.compiled_product(weight, 1, True) is None
+        assert compiled_gemv.compiled_product(torch.randn(24, 16).bfloat16(), 2, False) is None
     assert "No working C++ compiler" in caplog.text and "torch's kernels decode instead" in caplog.text
+    assert caplog.text.count("no compiled decode kernel") == 1 and len(compiles) == 1
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
+    clear_cut = KernelChoice("linear", {"linear": 10.0, "bmm": 50.0})
+    monkeypatch.setattr(kernels, "calibrate_decode", lambda *args: clear_cut)
+    kernels.decode_kernel(weight, 1, True)
+    assert not fresh_cache.path.exists()  # measured without "compiled": this process only
+    kernels.decode_kernel(torch.randn(40, 16), 1, True)
+    assert fresh_cache.path.exists()  # fp32 has no compiled candidate: a clear cut is kept
+    monkeypatch.undo()
+    monkeypatch.setattr(compiled_gemv, "_UNAVAILABLE", ["no compiler"])
     choice = kernels.calibrate_decode(weight, 1, True)
     assert set(choice.us) == {"linear", "bmm"}
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "compiled")
@@ -91,11 +121,11 @@ def test_a_missing_cxx_compiler_in_a_real_process_falls_back():
         import logging, torch, torch.nn.functional as F
         from gpt2repro.kernels import Linear
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        layer = Linear(32, 48).bfloat16()
-        x = torch.randn(1, 1, 32).bfloat16()
-        with torch.no_grad():
-            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert layer._decode[1] is None
+        for layer in (Linear(32, 48).bfloat16(), Linear(48, 32).bfloat16()):
+            x = torch.randn(1, 1, layer.in_features).bfloat16()
+            with torch.no_grad():
+                assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+            assert layer._decode[1] is None
         print("decoded")
         """
     )
@@ -110,9 +140,11 @@ def test_a_missing_cxx_compiler_in_a_real_process_falls_back():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "decoded" in done.stdout
     assert "no compiled decode kernel here" in done.stderr and "C++ compiler" in done.stderr
+    assert done.stderr.count("no compiled decode kernel") == 1  # one line, not one per shape
 
 
-def test_calibration_offers_compiled_for_half_precision_weights_only(fresh_cache):
+@requires_cxx
+def test_calibration_offers_compiled_for_half_precision_weights_only(fresh_cache, compiling):
     half = kernels.calibrate_decode(torch.randn(200, 64).bfloat16(), 1, True)
     assert set(half.us) == {"linear", "bmm", "compiled"} and min(half.us.values()) > 0
     assert half.kernel == min(half.us, key=half.us.__getitem__) or half.kernel == "linear"
@@ -123,7 +155,10 @@ def test_calibration_offers_compiled_for_half_precision_weights_only(fresh_cache
     assert key(torch.zeros(8, 8), 1, True).endswith("/threads" + str(torch.get_num_threads()))
 
 
-def test_linear_decodes_through_the_compiled_product_where_measured_fastest(fresh_cache, monkeypatch):
+@requires_cxx
+def test_linear_decodes_through_the_compiled_product_where_measured_fastest(
+    fresh_cache, monkeypatch, compiling
+):
     """auto: a calibration that picks "compiled" makes the Linear decode through it (remembered, dropped
     by ``.to()``), with F.linear's numbers; autograd and autocast still take F.linear."""
     monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
@@ -146,16 +181,43 @@ def test_linear_decodes_through_the_compiled_product_where_measured_fastest(fres
     assert layer._decode[1] is None and layer.weight.grad is not None
 
 
-def test_decoding_reuses_the_kernel_compiled_at_first_use():
-    """Compiled inside decoding's inference_mode, for parameters made outside it: the next call is served
-    by that kernel, not compiled again (dynamo guards on how each tensor was made)."""
+@requires_cxx
+def test_decoding_compiles_each_shape_once_calibration_included(fresh_cache, monkeypatch, compiling):
+    """The calibration (run inside decoding's inference_mode, on copies of the weight) and the decode
+    that follows share one compiled kernel: dynamo guards on how each tensor was made, and a mismatch
+    would compile a second time."""
     from torch._dynamo.utils import counters
 
-    layer = Linear(40, 72).bfloat16()
+    real = kernels.measure_kernels
+
+    def measured_then_compiled(key, candidates, default, products_per_call=1):
+        real(key, candidates, default, products_per_call)  # every candidate runs, as calibrating does
+        return KernelChoice("compiled", {"linear": 100.0, "bmm": 100.0, "compiled": 10.0})
+
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
+    monkeypatch.setattr(kernels, "measure_kernels", measured_then_compiled)
+    layer = Linear(40, 72 + torch.get_num_threads()).bfloat16()  # a shape no other test compiled
+    graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        product = compiled_gemv.compiled_rows(layer.weight, layer.bias, 1)
-        graphs = counters["stats"]["unique_graphs"]
-        got = product(torch.ones(1, 1, 40).bfloat16())
-    assert counters["stats"]["unique_graphs"] == graphs
+        for _token in range(3):
+            got = layer(torch.ones(1, 1, 40).bfloat16())
+    assert isinstance(layer._decode[1], compiled_gemv.CompiledRows)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
     expected = _one_rounding_of_exact(torch.ones(1, 1, 40).bfloat16(), layer.weight, layer.bias)
     assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_compiled_product_that_fails_later_falls_back_to_f_linear(compiling, caplog):
+    """A compiled kernel that raises when called (e.g. dynamo refusing one more recompile) turns that
+    product into F.linear for good, with the same one line."""
+
+    def refuses(x, weight, bias):
+        raise RuntimeError("FailOnRecompileLimitHit: recompile_limit reached")
+
+    weight, bias = torch.randn(24, 8).bfloat16(), torch.randn(24).bfloat16()
+    product = compiled_gemv.CompiledRows(weight, bias, refuses)
+    x = torch.randn(1, 1, 8).bfloat16()
+    with caplog.at_level(logging.WARNING, logger="gpt2repro"):
+        assert torch.equal(product(x), F.linear(x, weight, bias))
+        assert torch.equal(product(x), F.linear(x, weight, bias))
+    assert caplog.text.count("recompile_limit reached") == 1
