@@ -231,6 +231,12 @@ class CalibrationCache:
         self._memory[key] = value
         return value
 
+    def record(self, key: str, value: object) -> None:
+        """Keep a value measured outside ``lookup`` (for the process, and on disk unless switched off)."""
+        self._memory[key] = value
+        if os.environ.get(KERNEL_CACHE_ENV, "1") != "0":
+            self._store(key, value)
+
     def _store(self, key: str, value: object) -> None:
         if not machine_overloaded():  # a figure taken under load stays in this process
             self._write({**self._read(), key: dataclasses.asdict(value)})  # type: ignore[arg-type]

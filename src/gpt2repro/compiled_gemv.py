@@ -10,18 +10,26 @@ half-precision weights, where it competes with torch's kernels by measurement; f
 GEMV and the row-block ``bmm``, whose speed it matched there, without the compile.
 
 Compiling costs ~1.5 s per shape the first time on a machine (inductor caches the result on disk) and
-~4 s per process to load dynamo and inductor. A machine without a working C++ compiler, dynamo switched
-off (``TORCHDYNAMO_DISABLE=1``), or any inductor failure leaves the candidate out for the rest of the
-process with one logged line: decoding falls back to torch's kernels.
+~4 s per process to load dynamo and inductor. So a process that did not calibrate (the choice came from
+disk) compiles only once the torch kernels have lost that much time against the compiled ones
+(``CompileWhenPaid``): a short generation never waits for a compile longer than itself.
+
+A machine without a working C++ compiler, dynamo switched off (``TORCHDYNAMO_DISABLE=1``), or any
+inductor failure leaves the candidate out for the rest of the process with one logged line: decoding
+falls back to torch's kernels.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from gpt2repro import calibration
 
 log = logging.getLogger("gpt2repro")
 
@@ -30,6 +38,40 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 _COMPILED: dict[tuple, Product | None] = {}
 _UNAVAILABLE: list[str] = []  # why compiling failed in this process: no other shape is tried after it
+_SETUP_KEY = "compile/decode-setup"
+
+
+@dataclass(frozen=True)
+class SetupCost:
+    """Seconds the first compile of a process took on this machine, loading dynamo and inductor included."""
+
+    seconds: float
+
+
+@dataclass
+class _ProcessLedger:
+    """What compiling costs this process, and what torch's kernels have lost so far by not compiling."""
+
+    compiled_any: bool = False
+    expected_setup_s: float | None = None  # from the disk; None: not read yet
+    lost_s: float = 0.0
+
+
+_LEDGER = _ProcessLedger()
+
+
+def expected_setup_seconds() -> float:
+    """What the next compile costs this process: nothing once one succeeded here, else the first-compile
+    time measured on this machine (0 where unknown: compiling then measures it)."""
+    if _LEDGER.compiled_any:
+        return 0.0
+    if _LEDGER.expected_setup_s is None:
+        unknown = SetupCost(0.0)
+        cost = calibration.CALIBRATIONS.lookup(
+            _SETUP_KEY, SetupCost, lambda: unknown, persist=lambda c: c.seconds > 0
+        )
+        _LEDGER.expected_setup_s = cost.seconds
+    return _LEDGER.expected_setup_s
 
 
 def _rows_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +108,8 @@ def _give_up(why: Exception | str) -> None:
 
 
 def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
-    import torch._dynamo  # loaded by the first compile anyway
+    start = time.perf_counter()  # loading dynamo is part of what a first compile costs
+    import torch._dynamo
 
     if torch._dynamo.config.disable:  # torch.compile would return the eager function
         _give_up("dynamo is disabled, TORCHDYNAMO_DISABLE")
@@ -84,6 +127,9 @@ def _compile(weight: torch.Tensor, rows: int, has_bias: bool) -> Product | None:
     except Exception as e:  # noqa: BLE001 - any inductor failure: the candidate is left out
         _give_up(e)
         return None
+    if not _LEDGER.compiled_any:  # the first compile of the process: what the next process would pay
+        _LEDGER.compiled_any = True
+        calibration.CALIBRATIONS.record(_SETUP_KEY, SetupCost(time.perf_counter() - start))
     return product
 
 
@@ -111,6 +157,27 @@ class CompiledRows:
             self.product = _f_linear
             y = _f_linear(rows, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class CompileWhenPaid:
+    """A few-row product through torch's fastest kernel (``eager``) until the time it has lost against
+    the compiled one (``saving_s`` a call, as the calibration measured, summed over every such product of
+    the process) reaches what compiling costs here; then through the compiled one. Ski rental: a short
+    generation never pays a compile, a long one loses at most the compile's time."""
+
+    def __init__(
+        self, eager: Callable, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, saving_s: float
+    ):
+        self.eager, self.weight, self.bias, self.rows, self.saving_s = eager, weight, bias, rows, saving_s
+        self.compiled: Callable | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            _LEDGER.lost_s += self.saving_s
+            if _LEDGER.lost_s < expected_setup_seconds():
+                return self.eager(x)
+            self.compiled = compiled_rows(self.weight, self.bias, self.rows) or self.eager
+        return self.compiled(x)
 
 
 def compiled_rows(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> CompiledRows | None:

@@ -186,6 +186,22 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
     return calibration.chosen_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS, key, measure, persist)
 
 
+def _compiled_when_paid(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """The compiled product where it was measured fastest: at once where the env forces it, else once
+    torch's fastest kernel (run meanwhile) has lost what compiling costs (``CompileWhenPaid``)."""
+    if os.environ.get(DECODE_KERNEL_ENV, "auto") != "auto":
+        return compiled_gemv.compiled_rows(weight, bias, rows)
+    key = decode_shape_class(weight, rows, bias is not None)
+    measure = functools.partial(calibrate_decode, weight, rows, bias is not None)
+    us = calibration.CALIBRATIONS.lookup(key, calibration.KernelChoice, measure).us  # decode_kernel's
+    eager = min(("linear", "bmm"), key=us.__getitem__)
+    product = (
+        RowBlocks(weight, bias) if eager == "bmm" else functools.partial(F.linear, weight=weight, bias=bias)
+    )
+    saving_s = max(0.0, us[eager] - us["compiled"]) / 1e6
+    return compiled_gemv.CompileWhenPaid(product, weight, bias, rows, saving_s)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bf16 products on CPU: torch's own bf16 kernel, or fp32 arithmetic on the bf16-rounded operands.
 
@@ -375,7 +391,7 @@ class Linear(nn.Linear):
         if kernel == "bmm":
             product = RowBlocks(weight, bias)
         elif kernel == "compiled":
-            product = compiled_gemv.compiled_rows(weight, bias, rows)
+            product = _compiled_when_paid(weight, bias, rows)
         self.__dict__["_decode"] = (conditions, product)
         return product
 

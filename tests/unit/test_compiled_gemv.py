@@ -3,6 +3,7 @@ cannot compile (a real missing C++ compiler in a subprocess)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,8 +29,10 @@ requires_cxx = pytest.mark.skipif(
 
 @pytest.fixture
 def compiling(monkeypatch):
-    """A process where compiling has not failed yet (a failure is remembered for the process)."""
+    """A process where compiling has not failed yet (a failure is remembered for the process), nor
+    anything been compiled or lost to torch's kernels."""
     monkeypatch.setattr(compiled_gemv, "_UNAVAILABLE", [])
+    monkeypatch.setattr(compiled_gemv, "_LEDGER", compiled_gemv._ProcessLedger())
 
 
 def _one_rounding_of_exact(x, weight, bias) -> torch.Tensor:
@@ -169,7 +172,7 @@ def test_linear_decodes_through_the_compiled_product_where_measured_fastest(
     x = torch.randn(1, 1, 48).bfloat16()
     with torch.no_grad():
         got = layer(x)
-    assert isinstance(layer._decode[1], compiled_gemv.CompiledRows)
+    assert isinstance(layer._decode[1].compiled, compiled_gemv.CompiledRows)  # no compile cost known yet
     expected = _one_rounding_of_exact(x, layer.weight, layer.bias)
     assert (got.float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max()
     with torch.no_grad():
@@ -201,7 +204,7 @@ def test_decoding_compiles_each_shape_once_calibration_included(fresh_cache, mon
     with torch.inference_mode():
         for _token in range(3):
             got = layer(torch.ones(1, 1, 40).bfloat16())
-    assert isinstance(layer._decode[1], compiled_gemv.CompiledRows)
+    assert isinstance(layer._decode[1].compiled, compiled_gemv.CompiledRows)  # compiled by the calibration
     assert counters["stats"]["unique_graphs"] == graphs + 1
     expected = _one_rounding_of_exact(torch.ones(1, 1, 40).bfloat16(), layer.weight, layer.bias)
     assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
@@ -221,3 +224,64 @@ def test_a_compiled_product_that_fails_later_falls_back_to_f_linear(compiling, c
         assert torch.equal(product(x), F.linear(x, weight, bias))
         assert torch.equal(product(x), F.linear(x, weight, bias))
     assert caplog.text.count("recompile_limit reached") == 1
+
+
+def test_a_process_compiles_once_torch_s_kernels_have_lost_what_compiling_costs(
+    fresh_cache, monkeypatch, compiling
+):
+    """Ski rental: with compiling known to cost 1 s here and the compiled kernel 0.3 s faster a call,
+    torch's kernel runs the first 3 calls and the 4th compiles; the ledger is the process's, so another
+    product that starts after that compiles at once."""
+    fresh_cache.record(compiled_gemv._SETUP_KEY, compiled_gemv.SetupCost(1.0))
+    fresh_cache.clear_memory()  # a new process: the cost comes from the disk
+    compiles = []
+    monkeypatch.setattr(
+        compiled_gemv, "compiled_rows", lambda w, b, rows: compiles.append(rows) or (lambda x: "compiled")
+    )
+    first = compiled_gemv.CompileWhenPaid(lambda x: "torch", None, None, 1, 0.3)
+    assert [first(None) for _ in range(6)] == ["torch"] * 3 + ["compiled"] * 3
+    assert compiles == [1]
+    later = compiled_gemv.CompileWhenPaid(lambda x: "torch", None, None, 2, 0.3)
+    assert later(None) == "compiled" and compiles == [1, 2]
+
+
+@requires_cxx
+def test_the_first_compile_of_a_process_is_what_the_next_one_expects(fresh_cache, monkeypatch, compiling):
+    monkeypatch.setattr(compiled_gemv, "_COMPILED", {})
+    assert compiled_gemv.expected_setup_seconds() == 0.0  # unknown: compile at once, which measures it
+    monkeypatch.setattr(compiled_gemv, "_LEDGER", compiled_gemv._ProcessLedger())
+    assert compiled_gemv.compiled_product(torch.zeros(40, 24, dtype=torch.bfloat16), 1, False) is not None
+    assert compiled_gemv.expected_setup_seconds() == 0.0  # paid in this process
+    recorded = json.loads(fresh_cache.path.read_text())["entries"][compiled_gemv._SETUP_KEY]["seconds"]
+    assert recorded > 0
+    fresh_cache.clear_memory()  # the next process
+    monkeypatch.setattr(compiled_gemv, "_LEDGER", compiled_gemv._ProcessLedger())
+    assert compiled_gemv.expected_setup_seconds() == recorded
+
+
+def test_linear_decodes_with_torch_s_fastest_kernel_until_the_compile_is_paid(
+    fresh_cache, monkeypatch, compiling
+):
+    """A "compiled" choice read from disk, in a process where compiling would cost 100 s: the Linear
+    decodes through the faster of torch's kernels (bmm here), with F.linear's numbers, and compiles
+    nothing."""
+    fresh_cache.record(compiled_gemv._SETUP_KEY, compiled_gemv.SetupCost(100.0))
+    fresh_cache.clear_memory()
+    monkeypatch.setenv(kernels.DECODE_KERNEL_ENV, "auto")
+    pick = KernelChoice("compiled", {"linear": 100.0, "bmm": 50.0, "compiled": 40.0})
+    monkeypatch.setattr(kernels, "calibrate_decode", lambda *args: pick)
+
+    def no_compile(*args):
+        raise AssertionError("compiled before it paid")
+
+    monkeypatch.setattr(compiled_gemv, "compiled_rows", no_compile)
+    torch.manual_seed(0)
+    layer = Linear(48, 80).bfloat16()
+    x = torch.randn(1, 1, 48).bfloat16()
+    with torch.no_grad():
+        outs = [layer(x) for _ in range(5)]
+    product = layer._decode[1]
+    assert isinstance(product, compiled_gemv.CompileWhenPaid) and isinstance(product.eager, kernels.RowBlocks)
+    assert product.saving_s == pytest.approx(10e-6)
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert all(torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2) for out in outs)
