@@ -15,7 +15,7 @@ import torch
 
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.doctor import CHECKS, checks_train, execute
-from gpt2repro.doctor.checks_dist import _root_cause
+from gpt2repro.doctor.checks_dist import _root_cause, torchrun_command
 from gpt2repro.doctor.checks_env import build_runs_on
 from gpt2repro.doctor.checks_eval import check_compiled_matches_eager, check_generation
 from gpt2repro.doctor.checks_train import check_training
@@ -318,7 +318,7 @@ def test_generation_row_fails_when_the_cache_changes_a_clear_greedy_choice(tmp_p
 def test_a_failed_torchrun_is_reported_by_its_workers_error(tmp_path, body, expected):
     script = tmp_path / "worker.py"
     script.write_text(body + "\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd = torchrun_command(2, str(script))  # as the doctor launches: both workers fail at once
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     cause = _root_cause(proc.stderr + proc.stdout)

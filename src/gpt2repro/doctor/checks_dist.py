@@ -40,20 +40,25 @@ def _reference_losses(ctx: DoctorContext, world: int, per_rank: int, steps: int)
     return losses
 
 
-def _launch(ctx: DoctorContext, world: int, spec: dict, timeout: float) -> tuple[dict | None, str]:
-    spec_path, result_path = ctx.workdir / "ddp_spec.json", ctx.workdir / "ddp_result.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [
+def torchrun_command(world: int, *target: str) -> list[str]:
+    """``torchrun`` of ``world`` local processes. ``--tee=3`` has torchrun copy each worker's output line by
+    line behind its rank: two workers failing at once wrote into one stream character by character
+    ('ValueErrorValueError: : the causethe cause'), which hid the very message this report quotes."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={world}",
-        "-m",
-        "gpt2repro.doctor.ddp_worker",
-        str(spec_path),
-        str(result_path),
+        "--tee=3",
+        *target,
     ]
+
+
+def _launch(ctx: DoctorContext, world: int, spec: dict, timeout: float) -> tuple[dict | None, str]:
+    spec_path, result_path = ctx.workdir / "ddp_spec.json", ctx.workdir / "ddp_result.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = torchrun_command(world, "-m", "gpt2repro.doctor.ddp_worker", str(spec_path), str(result_path))
     env = dict(os.environ)
     if ctx.device.type == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # two processes on a few cores: no oversubscription
