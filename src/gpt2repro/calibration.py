@@ -316,9 +316,16 @@ def chosen_kernel(
 ) -> str:
     """The kernel ``env`` forces (``auto``: none), else the one measured for ``key`` on this CPU (cached;
     only clear cuts go to disk unless ``persist`` says otherwise)."""
+    return (
+        forced_kernel(env, kernels) or CALIBRATIONS.lookup(key, KernelChoice, measure, persist=persist).kernel
+    )
+
+
+def forced_kernel(env: str, kernels: tuple[str, ...]) -> str | None:
+    """The kernel ``env`` forces, None for ``auto`` (or unset); any other value is a mistake to report."""
     forced = os.environ.get(env, "auto")
     if forced in kernels:
         return forced
     if forced != "auto":
         raise UserError(f"{env}={forced!r} is not one of the kernels auto, {', '.join(kernels)}")
-    return CALIBRATIONS.lookup(key, KernelChoice, measure, persist=persist).kernel
+    return None

@@ -171,9 +171,9 @@ def calibrate_decode(weight: torch.Tensor, rows: int, has_bias: bool) -> calibra
     return measure_kernels(key, candidates, "linear", products_per_call=len(weights))
 
 
-def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
-    """ "linear", "bmm" or "compiled" for ``rows`` rows times ``weight`` on this CPU: forced by the env,
-    else measured."""
+def decode_choice(weight: torch.Tensor, rows: int, has_bias: bool) -> calibration.KernelChoice:
+    """The decode kernel measured fastest for ``rows`` rows times ``weight`` on this CPU (cached), with
+    every candidate's time."""
     key = decode_shape_class(weight, rows, has_bias)
     measure = functools.partial(calibrate_decode, weight, rows, has_bias)
     half = weight.dtype in compiled_gemv.HALF_DTYPES
@@ -183,17 +183,35 @@ def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
         (it failed to compile in that process): with a compiler installed later, it is measured again."""
         return choice.clear_cut() and (not half or "compiled" in choice.us)
 
-    return calibration.chosen_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS, key, measure, persist)
+    return calibration.CALIBRATIONS.lookup(key, calibration.KernelChoice, measure, persist=persist)
 
 
-def _compiled_when_paid(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-    """The compiled product where it was measured fastest: at once where the env forces it, else once
-    torch's fastest kernel (run meanwhile) has lost what compiling costs (``CompileWhenPaid``)."""
-    if os.environ.get(DECODE_KERNEL_ENV, "auto") != "auto":
+def decode_kernel(weight: torch.Tensor, rows: int, has_bias: bool) -> str:
+    """ "linear", "bmm" or "compiled" for ``rows`` rows times ``weight`` on this CPU: forced by the env,
+    else measured."""
+    forced = calibration.forced_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS)
+    return forced or decode_choice(weight, rows, has_bias).kernel
+
+
+def _decode_product(weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """The few-row product forced or measured fastest: a RowBlocks, the compiled product, or None
+    (F.linear)."""
+    forced = calibration.forced_kernel(DECODE_KERNEL_ENV, DECODE_KERNELS)
+    choice = None if forced else decode_choice(weight, rows, bias is not None)
+    kernel = forced or choice.kernel
+    if kernel == "bmm":
+        return RowBlocks(weight, bias)
+    if kernel == "compiled":
+        return _compiled_when_paid(weight, bias, rows, None if choice is None else choice.us)
+    return None
+
+
+def _compiled_when_paid(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, us: dict | None):
+    """The compiled product where it was measured fastest (``us``: the calibration's times): at once
+    where the env forces it (no times), else once torch's fastest kernel (run meanwhile) has lost what
+    compiling costs (``CompileWhenPaid``)."""
+    if us is None:
         return compiled_gemv.compiled_rows(weight, bias, rows)
-    key = decode_shape_class(weight, rows, bias is not None)
-    measure = functools.partial(calibrate_decode, weight, rows, bias is not None)
-    us = calibration.CALIBRATIONS.lookup(key, calibration.KernelChoice, measure).us  # decode_kernel's
     eager = min(("linear", "bmm"), key=us.__getitem__)
     product = (
         RowBlocks(weight, bias) if eager == "bmm" else functools.partial(F.linear, weight=weight, bias=bias)
@@ -378,8 +396,7 @@ class Linear(nn.Linear):
         memo = self._decode
         if memo is not None and memo[0] == conditions:
             return memo[1]
-        product = kernel = None
-        rows = x.numel() // self.in_features
+        product = None
         if (
             not grad  # these products serve decoding; under autograd, F.linear
             and x.device.type == "cpu"
@@ -387,11 +404,7 @@ class Linear(nn.Linear):
             and not autocast  # F.linear casts
             and weight.is_contiguous()
         ):
-            kernel = decode_kernel(weight, rows, bias is not None)
-        if kernel == "bmm":
-            product = RowBlocks(weight, bias)
-        elif kernel == "compiled":
-            product = _compiled_when_paid(weight, bias, rows)
+            product = _decode_product(weight, bias, x.numel() // self.in_features)
         self.__dict__["_decode"] = (conditions, product)
         return product
 
