@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,9 @@ class CpuPeak:
     load_average: float  # 1-minute load average while measuring
     layout: str  # the fastest of layouts(dtype) on this CPU
     boot_id: str = ""  # calibration.boot_id() when measured ("" in entries older than this field)
+    # best FLOP/s seen per "n layout" (rate_key): what later processes probe in turn (see recheck_peak)
+    rates: dict[str, float] = field(default_factory=dict)
+    probes: int = 0  # processes that have probed it: whose turn is next
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
@@ -99,6 +102,7 @@ _SATURATED = 1.05  # a size that gains less than 5% over the half size has satur
 _MIN_PEAK_SIZE = 1024  # smaller sizes only predict the cost of larger ones (see measure_cpu_peak)
 _MIN_SAMPLE_S = 0.02  # small matmuls are timed in groups, so a sample is not all timer resolution
 _PROBE_REPEATS, _PROBE_RANGE = 3, (0.75, 1.10)  # checking a cached peak: see recheck_peak
+_PROBE_BUDGET_S = 1.0  # a (size, layout) is probed in turn only if its predicted probe fits in this
 _WARMUP_S = 0.1  # thread pool, primitive creation, AMX tile set-up and clocks settle in the first calls
 
 
@@ -140,12 +144,22 @@ def _product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return _mm_in_fp32 if layout == IN_FP32 else torch.mm
 
 
-def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
-    """The operand layout (or kernel) whose ``dtype`` matmul is faster here (best of 2 after a warm-up)."""
+def layout_rates(dtype: torch.dtype, n: int = 512) -> dict[str, float]:
+    """FLOP/s of an n^3 ``dtype`` matmul in each of layouts(dtype) here (best of 2 after a warm-up)."""
     seconds = best_interleaved(
         {name: functools.partial(_product(name), *_operands(n, dtype, name)) for name in layouts(dtype)}, 2
     )
-    return min(seconds, key=seconds.__getitem__)
+    return {name: 2.0 * n**3 / s for name, s in seconds.items()}
+
+
+def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
+    """The operand layout (or kernel) whose ``dtype`` matmul is faster here."""
+    rates = layout_rates(dtype, n)
+    return max(rates, key=rates.__getitem__)
+
+
+def rate_key(n: int, layout: str) -> str:
+    return f"{n} {layout}"
 
 
 def _time_one(product: Callable, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,7 +212,8 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     """
     torch_dtype = _torch_dtype(dtype)
     start = time.perf_counter()
-    layout = fastest_layout(torch_dtype)
+    small = layout_rates(torch_dtype)
+    layout = max(small, key=small.__getitem__)
     deadline = start + _PEAK_BUDGET_S
     timings: list[MatmulTiming] = []
     for n in _PEAK_SIZES:
@@ -220,6 +235,8 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
         load_average()[0],
         layout,
         boot_id(),
+        {rate_key(512, name): rate for name, rate in small.items()}
+        | {rate_key(t.n, layout): t.flops for t in timings},
     )
     log.info(
         "CPU %s peak %.3f TFLOP/s, %s (%.1f s)",
@@ -231,20 +248,65 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     return peak
 
 
+def probe_candidates(peak: CpuPeak) -> list[tuple[int, str]]:
+    """The (size, layout) pairs processes probe in turn: every layout at every peak size (>= 1024) whose
+    probe is predicted, from the rate at the nearest size measured below it, to fit in 1 s.
+
+    A first measurement picks its layout at 512^3 and stops growing the matmul where it stops gaining:
+    on a shared host, a slow minute makes both choices for good (fp32 here: 0.148 TFLOP/s cached at
+    1024^3 a@b, 0.18-0.196 at 2048^3 a@b.T). Taking turns, later processes try them all.
+    """
+    measured: dict[str, list[tuple[int, float]]] = {}
+    for key, rate in sorted(peak.rates.items(), key=lambda item: int(item[0].split(" ", 1)[0])):
+        n, layout = key.split(" ", 1)
+        measured.setdefault(layout, []).append((int(n), rate))
+    found = []
+    for layout in layouts(_torch_dtype(peak.dtype)):
+        for n in (n for n in _PEAK_SIZES if n >= _MIN_PEAK_SIZE):
+            below = [rate for size, rate in measured.get(layout, []) if size <= n]
+            if below and (_PROBE_REPEATS + 2) * 2.0 * n**3 / below[-1] <= _PROBE_BUDGET_S:
+                found.append((n, layout))
+    return found if (peak.size, peak.layout) in found else [(peak.size, peak.layout), *found]
+
+
+def _probe(peak: CpuPeak, n: int, layout: str) -> MatmulTiming:
+    return best_matmul_flops(n, _torch_dtype(peak.dtype), 0.0, layout, _PROBE_REPEATS)
+
+
+def _with_probe(peak: CpuPeak, n: int, layout: str, probe: MatmulTiming) -> CpuPeak:
+    """``peak`` after one more probe, of an n^3 matmul in ``layout``: raised if the probe beat it."""
+    key = rate_key(n, layout)
+    rates = peak.rates | {key: max(peak.rates.get(key, 0.0), probe.flops)}
+    probed = dataclasses.replace(peak, rates=rates, probes=peak.probes + 1, boot_id=boot_id())
+    if probe.flops <= peak.flops:
+        return probed
+    return dataclasses.replace(
+        probed,
+        flops=probe.flops,
+        size=n,
+        layout=layout,
+        repeats=probe.samples,
+        load_average=load_average()[0],
+    )
+
+
 def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
     """A cached peak, checked against this machine: None (measure again) if it is not this machine's.
 
-    Every process probes it: best of 3 warmed matmuls of the peak's size and layout (~0.5 s here). A peak
-    is a best, so a faster probe raises it: one measured during a slow spell of a shared host (0.089
-    TFLOP/s where 0.15-0.18 is usual) put MFU at 138% and would otherwise stay for the whole boot. Under
-    another boot id the probe must also land between 25% below and 10% above it, or the peak is measured
-    again: cloud hosts that report the same CPU model differ (an fp32 peak of 0.131 TFLOP/s cached on one
-    put MFU at 121% on the next).
+    Every process probes it with best of 3 warmed matmuls (0.1-1 s). A peak is a best, so a faster probe
+    raises it: one measured during a slow spell of a shared host (0.089 TFLOP/s where 0.15-0.18 is usual)
+    put MFU at 138% and would otherwise stay for the whole boot. Within a boot, processes take turns over
+    ``probe_candidates``. Under another boot id, the probe is of the peak's own size and layout and must
+    land between 25% below and 10% above it, or the peak is measured again: cloud hosts that report the
+    same CPU model differ (an fp32 peak of 0.131 TFLOP/s cached on one put MFU at 121% on the next).
     """
-    probe = best_matmul_flops(peak.size, _torch_dtype(peak.dtype), 0.0, peak.layout, _PROBE_REPEATS)
-    same_boot = bool(peak.boot_id) and peak.boot_id == boot_id()
+    if peak.boot_id and peak.boot_id == boot_id():
+        candidates = probe_candidates(peak)
+        n, layout = candidates[peak.probes % len(candidates)]
+        return _with_probe(peak, n, layout, _probe(peak, n, layout))
+    probe = _probe(peak, peak.size, peak.layout)
     low, high = _PROBE_RANGE
-    if not same_boot and not low * peak.flops <= probe.flops <= high * peak.flops:
+    if not low * peak.flops <= probe.flops <= high * peak.flops:
         log.info(
             "cached CPU %s peak %.3f TFLOP/s is not this machine's (probe: %.3f): measuring it again",
             peak.dtype,
@@ -252,18 +314,15 @@ def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
             probe.flops / 1e12,
         )
         return None
-    if probe.flops > peak.flops:
-        return dataclasses.replace(
-            peak, flops=probe.flops, repeats=probe.samples, load_average=load_average()[0], boot_id=boot_id()
-        )
-    return dataclasses.replace(peak, boot_id=boot_id())
+    return _with_probe(peak, peak.size, peak.layout, probe)
 
 
 def cpu_peak(dtype: str) -> CpuPeak:
     """This CPU's ``dtype`` matmul peak: measured once, cached for the process and on disk (a disk
     entry is checked, and raised, by a short probe: see ``recheck_peak``)."""
-    # "/kernels": not the peaks of older versions (a@b only; bf16 without the fp32 kernel)
-    key = f"peak/{dtype}/threads{torch.get_num_threads()}/kernels"
+    # "/rotating": not the peaks of older versions (one size and layout for good; before "/kernels": a@b
+    # only, bf16 without the fp32 kernel)
+    key = f"peak/{dtype}/threads{torch.get_num_threads()}/rotating"
     return calibration.CALIBRATIONS.lookup(
         key, CpuPeak, lambda: measure_cpu_peak(dtype), recheck=recheck_peak
     )

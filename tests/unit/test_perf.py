@@ -50,16 +50,22 @@ def timing(n: int, flops: float) -> perf.MatmulTiming:
 
 @pytest.fixture
 def fixed_rates(monkeypatch):
-    """Replace the matmul timings by a table: the size logic is tested apart from the machine."""
+    """Replace the matmul timings by a table: the size logic is tested apart from the machine. ``rates``
+    maps n, or (n, layout) where layouts differ, to FLOP/s; ``calls`` collects the (n, layout) timed."""
 
-    def install(rates: dict[int, float], calls: list | None = None) -> None:
+    def install(rates: dict, calls: list | None = None, offered: tuple[str, ...] = ("a@b",)) -> None:
+        def rate(n: int, layout: str) -> float:
+            return rates.get((n, layout), rates.get(n))
+
         def fake(n, dtype, deadline, layout, min_repeats=0):
             if calls is not None:
-                calls.append(n)
-            return timing(n, rates[n])
+                calls.append((n, layout))
+            return timing(n, rate(n, layout))
 
         monkeypatch.setattr(perf, "best_matmul_flops", fake)
-        monkeypatch.setattr(perf, "fastest_layout", lambda dtype: "a@b")
+        monkeypatch.setattr(
+            perf, "layout_rates", lambda dtype, n=512: {name: rate(n, name) for name in offered}
+        )
 
     return install
 
@@ -166,16 +172,19 @@ def test_cpu_peak_is_cached_on_disk(fresh_cache, fixed_rates):
     first = perf.cpu_peak("fp32")
     measured = len(calls)
     fresh_cache.clear_memory()
-    assert perf.cpu_peak("fp32") == first and calls[measured:] == [first.size]  # read back, one probe
+    again = perf.cpu_peak("fp32")
+    assert (again.flops, again.size, again.probes) == (first.flops, first.size, 1)
+    assert calls[measured:] == perf.probe_candidates(first)[:1]  # read back, one probe
     assert f"peak/fp32/threads{torch.get_num_threads()}" in fresh_cache.path.read_text()
 
 
 def test_a_cached_peak_is_probed_raised_if_slower_and_measured_again_on_another_host(
     fresh_cache, fixed_rates, monkeypatch
 ):
-    """Each process probes the cached peak at its size: a faster probe raises it (a peak taken in a slow
-    spell), a slower one leaves it. Another boot: a probe near the peak keeps it (rewritten under this
-    boot); a probe far above it (an entry from a slower host, where MFU would top 100%) measures again."""
+    """Each process probes the cached peak: a faster probe raises it (a peak taken in a slow spell), a
+    slower one leaves it. Another boot: a probe of its own size near the peak keeps it (rewritten under
+    this boot); a probe far above it (an entry from a slower host, where MFU would top 100%) measures
+    again."""
     calls = []
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1e12), calls)
     first = perf.cpu_peak("fp32")
@@ -183,22 +192,69 @@ def test_a_cached_peak_is_probed_raised_if_slower_and_measured_again_on_another_
     measured = len(calls)
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 0.8e12), calls)
     fresh_cache.clear_memory()
-    assert perf.cpu_peak("fp32") == first and calls[measured:] == [first.size]  # slower probe: kept
+    assert perf.cpu_peak("fp32").flops == first.flops and len(calls) == measured + 1  # slower: kept
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1.2e12), calls)
     for _process in range(2):
         fresh_cache.clear_memory()
         assert perf.cpu_peak("fp32").flops == 1.2e12  # raised, and on disk for the next process
-    assert calls[measured:] == [first.size] * 3
+    assert len(calls) == measured + 3
+    raised = perf.cpu_peak("fp32")
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1.1e12), calls)
     monkeypatch.setattr(perf, "boot_id", lambda: "another-boot")
     fresh_cache.clear_memory()
     kept = perf.cpu_peak("fp32")
     assert (kept.flops, kept.boot_id) == (1.2e12, "another-boot")
-    assert calls[measured:] == [first.size] * 4  # a probe, no measurement
+    assert calls[measured + 3 :] == [(raised.size, raised.layout)]  # a probe of its own, no measurement
     fixed_rates(dict.fromkeys(perf._PEAK_SIZES, 1.8e12), calls)
     monkeypatch.setattr(perf, "boot_id", lambda: "a-faster-host")
     fresh_cache.clear_memory()
     assert perf.cpu_peak("fp32").flops == 1.8e12 and len(calls) > measured + 6
+
+
+def test_processes_take_turns_probing_every_size_and_layout_until_the_true_peak_is_found(
+    fresh_cache, fixed_rates
+):
+    """Machine E's fp32 case: measured in a slow minute, the peak was 1024^3 a@b at 0.148 TFLOP/s and
+    stayed there, probe after probe, while 2048^3 a@b.T reaches 0.19. Processes now probe each
+    (size, layout) in turn: after one round the peak is the best of them all."""
+    true = {(1024, "a@b"): 1.6e11, (2048, "a@b"): 1.7e11, (1024, "a@b.T"): 1.75e11, (2048, "a@b.T"): 1.9e11}
+    slow = {256: 1e11, 512: 1.2e11, 1024: 1.48e11, 2048: 1.4e11}  # every layout, in the slow minute
+    fixed_rates(slow, offered=("a@b", "a@b.T"))
+    first = perf.cpu_peak("fp32")
+    assert (first.size, first.layout, first.flops) == (1024, "a@b", 1.48e11)
+    turns = perf.probe_candidates(first)
+    assert sorted(turns) == sorted(true)  # 4096^3 would not fit the probe budget at these rates
+    calls = []
+    fixed_rates({**slow, **true}, calls, offered=("a@b", "a@b.T"))
+    for _process in turns:
+        fresh_cache.clear_memory()
+        perf.cpu_peak("fp32")
+    assert calls == turns  # each once, one per process
+    found = perf.cpu_peak("fp32")
+    assert (found.size, found.layout, found.flops) == (2048, "a@b.T", 1.9e11)
+    assert "2048^3 fp32 matmuls (a@b.T)" in found.describe()
+    assert found.rates[perf.rate_key(1024, "a@b")] == 1.6e11  # each rate is the best seen
+
+
+@pytest.mark.parametrize(
+    "rates,expected",
+    [
+        # bf16 a@b on an AVX2-only CPU: a 1.3 GFLOP/s fallback, whose 1024^3 probe would take 8 s
+        (
+            {"512 a@b": 1.3e9, "512 a@b.T": 2e10, "1024 a@b.T": 2.2e10},
+            [(1024, "a@b.T")],
+        ),
+        # AMX: 4096^3 fits 1 s from the 2048^3 rate; each layout's own rate bounds its sizes
+        (
+            {"512 a@b": 8e11, "2048 a@b": 1.33e12, "512 a@b.T": 3e11, "512 a@b.T in fp32": 1e11},
+            [(1024, "a@b"), (2048, "a@b"), (4096, "a@b"), (1024, "a@b.T"), (2048, "a@b.T")]
+            + [(1024, "a@b.T in fp32"), (2048, "a@b.T in fp32")],
+        ),
+    ],
+)
+def test_probe_candidates_are_those_a_probe_can_afford(rates, expected):
+    peak = perf.CpuPeak(1.0, "bf16", 1024, 5, 2, [256, 512, 1024], 0.0, "a@b.T", "boot", rates)
+    assert perf.probe_candidates(peak) == expected
 
 
 def test_flops_per_token_is_the_hand_count_for_gpt2():
