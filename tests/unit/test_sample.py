@@ -290,3 +290,28 @@ def test_cli_model_from_hf_dir_and_run_dir_agree(pair, tmp_path, capsys):
     from_hf = run_cli(capsys, "--model", str(tmp_path / "hf"), *common)
     assert from_hf.startswith(PROMPT) and len(from_hf) > len(PROMPT) + 5
     assert run_cli(capsys, "--model", str(tmp_path / "run"), *common) == from_hf
+
+
+def test_training_samples_on_cpu_decode_in_fp32_not_under_the_training_autocast(monkeypatch):
+    """Samples taken during a bf16 run on CPU: autocast would convert every weight at every token, so they
+    decode in sampling's own dtype (fp32), and read as the fp32 model's own seeded generation."""
+    from gpt2repro import training_run
+    from gpt2repro.sample import SamplingOptions
+    from gpt2repro.train_config import TrainConfig
+
+    model = GPT(GPTConfig.preset("gpt2-micro")).eval()
+    seen = []
+    real = GPT.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "generate", spy)
+    cfg = TrainConfig(num_samples=2, sample_tokens=6, seed=3)
+    texts = training_run.sample_texts(model, cfg, torch.device("cpu"), "bf16")
+    assert seen == [False] and model.lm_head.weight.dtype == torch.float32  # the model keeps training
+    prompt = torch.tensor([get_tokenizer().encode(training_run.SAMPLE_PROMPT)] * 2)
+    options = SamplingOptions(top_k=50, generator=torch.Generator().manual_seed(3))
+    expected = real(model, prompt, 6, options)
+    assert texts == [get_tokenizer().decode(row.tolist()) for row in expected]
