@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, first_line, typed_first_line
 from gpt2repro.files import atomic_open, atomic_write, is_temp_file
 from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_train_state
 
@@ -107,7 +107,7 @@ def write_failed(e: Exception, path: Path, kept: Path | None) -> UserError:
     if cause is not None:
         what = str(user_error_for(cause, "write checkpoint", path))
     else:
-        what = f"cannot write checkpoint {path} ({str(e).splitlines()[0][:120]})"
+        what = f"cannot write checkpoint {path} ({first_line(e, 120)})"
     kept_msg = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
     return UserError(f"{what}; {kept_msg}: free space or fix the directory, then continue with --resume")
 
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise UserError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"checkpoint {path} is unreadable ({typed_first_line(e, 120)}); "
             "delete it to fall back to the previous checkpoint"
         ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

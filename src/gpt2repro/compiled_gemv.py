@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2repro import calibration
+from gpt2repro.errors import first_line
 
 log = logging.getLogger("gpt2repro")
 
@@ -102,7 +103,7 @@ def compiled_product(weight: torch.Tensor, rows: int, has_bias: bool) -> Product
 
 def _give_up(why: Exception | str) -> None:
     """No compiled products for the rest of the process, said once."""
-    reason = why if isinstance(why, str) else (str(why).strip().splitlines() or [type(why).__name__])[0]
+    reason = why if isinstance(why, str) else first_line(why, 300)
     _UNAVAILABLE.append(reason)
     log.warning("no compiled decode kernel here (%s); torch's kernels decode instead", reason)
 

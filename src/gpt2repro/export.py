@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, first_line
 
 log = logging.getLogger("gpt2repro")
 
@@ -47,9 +47,9 @@ def push_to_hub(directory: Path, repo_id: str, private: bool = False) -> str:
         url = api.create_repo(repo_id, exist_ok=True, private=private)
         api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="gpt2repro export")
     except Exception as e:  # no network, no token, no write access: the hub's own words, on one line
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"could not push to {repo_id} ({reason}); check the network and `hf auth login`; {later}"
+            f"could not push to {repo_id} ({first_line(e, 200)}); "
+            f"check the network and `hf auth login`; {later}"
         ) from e
     return str(url)
 

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, first_line
 from gpt2repro.files import atomic_open, atomic_write
 
 log = logging.getLogger("gpt2repro")
@@ -67,9 +67,9 @@ def download_model(name: str) -> Path:
     except UserError:
         raise
     except Exception as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(
-            f"cannot download {repo_id!r} from the Hugging Face hub ({reason}). On a machine with internet "
+            f"cannot download {repo_id!r} from the Hugging Face hub ({first_line(e)}). "
+            "On a machine with internet "
             f"run `huggingface-cli download {repo_id} config.json model.safetensors --local-dir DIR` "
             f"(or `hf download ...`), copy DIR here and pass DIR where you passed {name!r}"
         ) from e

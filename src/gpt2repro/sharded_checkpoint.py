@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, typed_first_line
 
 log = logging.getLogger("gpt2repro")
 
@@ -103,7 +103,7 @@ def load_train_state(path: Path) -> dict:
         state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(
-            f"sharded checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"sharded checkpoint {path} is unreadable ({typed_first_line(e, 120)}); "
             "delete it to fall back to the previous checkpoint"
         ) from e
     return {**state, "sharded_path": str(path)}
@@ -122,7 +122,7 @@ def load_tensors_into(path: Path, model: torch.nn.Module, optimizer=None) -> Non
     except Exception as e:
         raise UserError(
             f"sharded checkpoint {path} does not match this model/optimizer "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            f"({typed_first_line(e)}); "
             "resume with the run's original model options"
         ) from e
     if optimizer is None:

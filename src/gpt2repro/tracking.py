@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, first_line
 from gpt2repro.files import atomic_write
 from gpt2repro.train_config import TrainConfig
 
@@ -121,9 +121,8 @@ class _WandB:
             )
             self.run.config.update(cfg.to_dict(), allow_val_change=True)  # e.g. a longer max_steps
         except Exception as e:  # no API key, no network, a bad project name: W&B's own words, one line
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"W&B could not start a run ({reason}); run `wandb login`, or set "
+                f"W&B could not start a run ({first_line(e, 200)}); run `wandb login`, or set "
                 "WANDB_MODE=offline and `wandb sync` the run later"
             ) from e
         if run_id is None:

@@ -15,7 +15,7 @@ import torch
 
 from gpt2repro import distributed
 from gpt2repro.config import GPTConfig
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, first_line
 from gpt2repro.initial_model import SCRATCH, initial_model
 from gpt2repro.model import GPT
 from gpt2repro.optim import lr_at, make_optimizer, set_lr
@@ -193,7 +193,7 @@ class Trainer:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(
-                f"the checkpoint does not match this model/optimizer ({str(e).splitlines()[0][:160]}); "
+                f"the checkpoint does not match this model/optimizer ({first_line(e)}); "
                 "resume with the run's original model options"
             ) from e
         if self.scaler and ckpt.get("scaler"):

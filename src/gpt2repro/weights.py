@@ -21,7 +21,7 @@ import torch
 
 from gpt2repro.checkpoint import is_run_dir, load_checkpoint, resolve_checkpoint
 from gpt2repro.config import EOT_TOKEN_ID, GPT2_VOCAB_SIZE, GPTConfig
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, typed_first_line
 from gpt2repro.hub import download_model
 from gpt2repro.sharded_checkpoint import is_sharded_checkpoint, load_tensors_into
 
@@ -239,9 +239,8 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else ""
         raise UserError(
-            f"weight file {path} is unreadable ({type(e).__name__}: {reason}); "
+            f"weight file {path} is unreadable ({typed_first_line(e, 120)}); "
             "it is probably truncated or corrupt: download it again"
         ) from e
     if not isinstance(tensors, dict):

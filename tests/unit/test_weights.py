@@ -194,6 +194,15 @@ def test_truncated_weight_file(hf_dir):
         GPT.from_pretrained(hf_dir)
 
 
+def test_an_empty_weight_file_is_named_with_torchs_error(hf_dir):
+    """A .bin download stopped at 0 bytes: torch.load raises EOFError with no message."""
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        GPT.from_pretrained(hf_dir)
+    assert str(e.value).startswith(f"weight file {hf_dir / 'pytorch_model.bin'} is unreadable (EOFError); ")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

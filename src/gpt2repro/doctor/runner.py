@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2repro.doctor.report import Row, failed
+from gpt2repro.errors import typed_first_line
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/gpt2repro
 
@@ -72,8 +73,7 @@ def failing_call(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)[1:]  # [0] is the runner calling the check
     libraries = _library_dirs()
     ours = [f for f in frames if not any(Path(f.filename).resolve().is_relative_to(d) for d in libraries)]
-    message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-    what = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    what = typed_first_line(error, 300)
     if not frames:
         return what
     call = _where((ours or frames)[-1])
