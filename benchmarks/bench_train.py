@@ -131,7 +131,8 @@ def main() -> None:
     # Both models run the same matmuls; the speed-up is bounded by how far HF is from the peak.
     hf_mfu = mfus["hf GPT2LMHeadModel"]
     print(
-        f"ceiling (gpt2repro at 100% MFU): {1 / hf_mfu:.2f}x HF; 1.4x HF (issue 13) needs {1.4 * hf_mfu * 100:.0f}% MFU"
+        f"ceiling (gpt2repro at 100% MFU): {1 / hf_mfu:.2f}x HF; "
+        f"1.4x HF (issue 13) needs {1.4 * hf_mfu * 100:.0f}% MFU"
     )
 
 
