@@ -85,7 +85,7 @@ class CpuPeak:
     boot_id: str = ""  # calibration.boot_id() when measured ("" in entries older than this field)
     # best FLOP/s seen per "n layout" (rate_key): what later processes probe in turn (see recheck_peak)
     rates: dict[str, float] = field(default_factory=dict)
-    probes: int = 0  # processes that have probed it: whose turn is next
+    last_probe: str = ""  # rate_key of the latest probe: the next process probes the next candidate
 
     def describe(self) -> str:
         tried = "/".join(str(n) for n in self.sizes_tried)
@@ -152,9 +152,8 @@ def layout_rates(dtype: torch.dtype, n: int = 512) -> dict[str, float]:
     return {name: 2.0 * n**3 / s for name, s in seconds.items()}
 
 
-def fastest_layout(dtype: torch.dtype, n: int = 512) -> str:
-    """The operand layout (or kernel) whose ``dtype`` matmul is faster here."""
-    rates = layout_rates(dtype, n)
+def fastest_layout(rates: dict[str, float]) -> str:
+    """The operand layout (or kernel) of the highest of ``layout_rates``."""
     return max(rates, key=rates.__getitem__)
 
 
@@ -213,7 +212,7 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     torch_dtype = _torch_dtype(dtype)
     start = time.perf_counter()
     small = layout_rates(torch_dtype)
-    layout = max(small, key=small.__getitem__)
+    layout = fastest_layout(small)
     deadline = start + _PEAK_BUDGET_S
     timings: list[MatmulTiming] = []
     for n in _PEAK_SIZES:
@@ -248,25 +247,50 @@ def measure_cpu_peak(dtype: str) -> CpuPeak:
     return peak
 
 
+def _known_rates(peak: CpuPeak) -> dict[tuple[int, str], float]:
+    """``peak.rates`` by (size, layout); a key that does not parse (an edited cache file) is left out."""
+    known = {}
+    for key, rate in peak.rates.items():
+        size, _, layout = key.partition(" ")
+        if size.isdigit() and layout and rate > 0:
+            known[int(size), layout] = rate
+    return known
+
+
+def _probe_grid(peak: CpuPeak) -> list[tuple[int, str]]:
+    """Every (size, layout) a probe may try, in a fixed order: each layout at each size from 1024."""
+    grid = [(n, layout) for layout in layouts(_torch_dtype(peak.dtype)) for n in _PEAK_SIZES]
+    grid = [(n, layout) for n, layout in grid if n >= _MIN_PEAK_SIZE]
+    return grid if (peak.size, peak.layout) in grid else [(peak.size, peak.layout), *grid]
+
+
 def probe_candidates(peak: CpuPeak) -> list[tuple[int, str]]:
-    """The (size, layout) pairs processes probe in turn: every layout at every peak size (>= 1024) whose
-    probe is predicted, from the rate at the nearest size measured below it, to fit in 1 s.
+    """The (size, layout) pairs processes probe in turn: the peak's own, and those of ``_probe_grid``
+    whose probe is predicted to fit in 1 s from the rate at that size or at half of it (sizes grow one
+    step at a time, as in measure_cpu_peak: a 512^3 rate may come from cache and flatter 2048^3).
 
     A first measurement picks its layout at 512^3 and stops growing the matmul where it stops gaining:
     on a shared host, a slow minute makes both choices for good (fp32 here: 0.148 TFLOP/s cached at
     1024^3 a@b, 0.18-0.196 at 2048^3 a@b.T). Taking turns, later processes try them all.
     """
-    measured: dict[str, list[tuple[int, float]]] = {}
-    for key, rate in sorted(peak.rates.items(), key=lambda item: int(item[0].split(" ", 1)[0])):
-        n, layout = key.split(" ", 1)
-        measured.setdefault(layout, []).append((int(n), rate))
-    found = []
-    for layout in layouts(_torch_dtype(peak.dtype)):
-        for n in (n for n in _PEAK_SIZES if n >= _MIN_PEAK_SIZE):
-            below = [rate for size, rate in measured.get(layout, []) if size <= n]
-            if below and (_PROBE_REPEATS + 2) * 2.0 * n**3 / below[-1] <= _PROBE_BUDGET_S:
-                found.append((n, layout))
-    return found if (peak.size, peak.layout) in found else [(peak.size, peak.layout), *found]
+    known = _known_rates(peak)
+
+    def affordable(n: int, layout: str) -> bool:
+        rate = known.get((n, layout)) or known.get((n // 2, layout))
+        return rate is not None and (_PROBE_REPEATS + 2) * 2.0 * n**3 / rate <= _PROBE_BUDGET_S
+
+    own = (peak.size, peak.layout)
+    return [(n, layout) for n, layout in _probe_grid(peak) if (n, layout) == own or affordable(n, layout)]
+
+
+def next_probe(peak: CpuPeak) -> tuple[int, str]:
+    """The candidate after the latest probe's place in the grid (the first after the end), so each one
+    gets its turn while candidates come and go."""
+    grid = [rate_key(n, layout) for n, layout in _probe_grid(peak)]
+    last = grid.index(peak.last_probe) if peak.last_probe in grid else -1
+    candidates = probe_candidates(peak)
+    later = [c for c in candidates if grid.index(rate_key(*c)) > last]
+    return (later or candidates)[0]
 
 
 def _probe(peak: CpuPeak, n: int, layout: str) -> MatmulTiming:
@@ -277,7 +301,7 @@ def _with_probe(peak: CpuPeak, n: int, layout: str, probe: MatmulTiming) -> CpuP
     """``peak`` after one more probe, of an n^3 matmul in ``layout``: raised if the probe beat it."""
     key = rate_key(n, layout)
     rates = peak.rates | {key: max(peak.rates.get(key, 0.0), probe.flops)}
-    probed = dataclasses.replace(peak, rates=rates, probes=peak.probes + 1, boot_id=boot_id())
+    probed = dataclasses.replace(peak, rates=rates, last_probe=key, boot_id=boot_id())
     if probe.flops <= peak.flops:
         return probed
     return dataclasses.replace(
@@ -286,6 +310,7 @@ def _with_probe(peak: CpuPeak, n: int, layout: str, probe: MatmulTiming) -> CpuP
         size=n,
         layout=layout,
         repeats=probe.samples,
+        sizes_tried=sorted({*peak.sizes_tried, n}),
         load_average=load_average()[0],
     )
 
@@ -293,16 +318,17 @@ def _with_probe(peak: CpuPeak, n: int, layout: str, probe: MatmulTiming) -> CpuP
 def recheck_peak(peak: CpuPeak) -> CpuPeak | None:
     """A cached peak, checked against this machine: None (measure again) if it is not this machine's.
 
-    Every process probes it with best of 3 warmed matmuls (0.1-1 s). A peak is a best, so a faster probe
+    Every process probes it with best of 3 warmed matmuls (~0.1-1 s). A peak is a best, so a faster probe
     raises it: one measured during a slow spell of a shared host (0.089 TFLOP/s where 0.15-0.18 is usual)
     put MFU at 138% and would otherwise stay for the whole boot. Within a boot, processes take turns over
-    ``probe_candidates``. Under another boot id, the probe is of the peak's own size and layout and must
-    land between 25% below and 10% above it, or the peak is measured again: cloud hosts that report the
-    same CPU model differ (an fp32 peak of 0.131 TFLOP/s cached on one put MFU at 121% on the next).
+    ``probe_candidates`` (a process whose probe is not written, on an overloaded machine, leaves the turn
+    to the next). Under another boot id (and where there is none: not Linux), the probe is of the peak's
+    own size and layout and must land between 25% below and 10% above it, or the peak is measured again:
+    cloud hosts that report the same CPU model differ (an fp32 peak of 0.131 TFLOP/s cached on one put MFU
+    at 121% on the next).
     """
     if peak.boot_id and peak.boot_id == boot_id():
-        candidates = probe_candidates(peak)
-        n, layout = candidates[peak.probes % len(candidates)]
+        n, layout = next_probe(peak)
         return _with_probe(peak, n, layout, _probe(peak, n, layout))
     probe = _probe(peak, peak.size, peak.layout)
     low, high = _PROBE_RANGE

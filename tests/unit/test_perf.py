@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -104,11 +105,12 @@ def test_peak_uses_the_faster_operand_layout(monkeypatch):
         "best_interleaved",
         lambda candidates, rounds: timed.append(set(candidates)) or {k: slow[k] for k in candidates},
     )
-    assert perf.fastest_layout(torch.float32, n=16) == "a@b.T"
-    assert perf.fastest_layout(torch.bfloat16, n=16) == perf.IN_FP32
+    assert perf.fastest_layout(perf.layout_rates(torch.float32, n=16)) == "a@b.T"
+    assert perf.fastest_layout(perf.layout_rates(torch.bfloat16, n=16)) == perf.IN_FP32
     assert timed == [{"a@b", "a@b.T"}, {"a@b", "a@b.T", perf.IN_FP32}]
     slow.update({"a@b": 0.005})
-    assert perf.fastest_layout(torch.float32, n=16) == "a@b"
+    assert perf.layout_rates(torch.float32, n=16) == {"a@b": 2 * 16**3 / 0.005, "a@b.T": 2 * 16**3 / 0.1}
+    assert perf.fastest_layout(perf.layout_rates(torch.float32, n=16)) == "a@b"
     a, b = perf._operands(8, torch.bfloat16, perf.IN_FP32)
     assert perf._product(perf.IN_FP32)(a, b).dtype == torch.bfloat16
     assert torch.equal(perf._product(perf.IN_FP32)(a, b), (a.float() @ b.float()).bfloat16())
@@ -173,8 +175,9 @@ def test_cpu_peak_is_cached_on_disk(fresh_cache, fixed_rates):
     measured = len(calls)
     fresh_cache.clear_memory()
     again = perf.cpu_peak("fp32")
-    assert (again.flops, again.size, again.probes) == (first.flops, first.size, 1)
-    assert calls[measured:] == perf.probe_candidates(first)[:1]  # read back, one probe
+    assert (again.flops, again.size) == (first.flops, first.size)
+    assert calls[measured:] == [perf.next_probe(first)]  # read back, one probe
+    assert again.last_probe == perf.rate_key(*perf.next_probe(first))
     assert f"peak/fp32/threads{torch.get_num_threads()}" in fresh_cache.path.read_text()
 
 
@@ -215,25 +218,49 @@ def test_processes_take_turns_probing_every_size_and_layout_until_the_true_peak_
     fresh_cache, fixed_rates
 ):
     """Machine E's fp32 case: measured in a slow minute, the peak was 1024^3 a@b at 0.148 TFLOP/s and
-    stayed there, probe after probe, while 2048^3 a@b.T reaches 0.19. Processes now probe each
-    (size, layout) in turn: after one round the peak is the best of them all."""
+    stayed there, probe after probe, while 2048^3 a@b.T reaches 0.19. Processes now probe the sizes and
+    layouts in turn, a layout's sizes growing one step at a time: the peak becomes the best of them all."""
     true = {(1024, "a@b"): 1.6e11, (2048, "a@b"): 1.7e11, (1024, "a@b.T"): 1.75e11, (2048, "a@b.T"): 1.9e11}
     slow = {256: 1e11, 512: 1.2e11, 1024: 1.48e11, 2048: 1.4e11}  # every layout, in the slow minute
     fixed_rates(slow, offered=("a@b", "a@b.T"))
     first = perf.cpu_peak("fp32")
     assert (first.size, first.layout, first.flops) == (1024, "a@b", 1.48e11)
-    turns = perf.probe_candidates(first)
-    assert sorted(turns) == sorted(true)  # 4096^3 would not fit the probe budget at these rates
+    # a@b.T was timed at 512^3 only: its 2048^3 waits for a 1024^3 rate; 4096^3 would not fit 1 s
+    assert perf.probe_candidates(first) == [(1024, "a@b"), (2048, "a@b"), (1024, "a@b.T")]
     calls = []
     fixed_rates({**slow, **true}, calls, offered=("a@b", "a@b.T"))
-    for _process in turns:
+    for _process in range(6):
         fresh_cache.clear_memory()
         perf.cpu_peak("fp32")
-    assert calls == turns  # each once, one per process
+    assert calls == [
+        (1024, "a@b"),
+        (2048, "a@b"),
+        (1024, "a@b.T"),
+        (2048, "a@b.T"),
+        (1024, "a@b"),
+        (2048, "a@b"),
+    ]
     found = perf.cpu_peak("fp32")
     assert (found.size, found.layout, found.flops) == (2048, "a@b.T", 1.9e11)
     assert "2048^3 fp32 matmuls (a@b.T)" in found.describe()
     assert found.rates[perf.rate_key(1024, "a@b")] == 1.6e11  # each rate is the best seen
+
+
+def test_a_probe_that_moves_the_peak_keeps_the_turns_in_grid_order():
+    """The peak's own (size, layout) is always a candidate; when a probe moves it, the turn goes on from
+    the latest probe's place, not from a counter into a list that has changed."""
+    rates = {"512 a@b": 1e11, "1024 a@b": 1e11, "512 a@b.T": 1e11, "1024 a@b.T": 1.2e11, "bad key": 1.0}
+    peak = perf.CpuPeak(1.2e11, "fp32", 1024, 3, 2, [512, 1024], 0.0, "a@b.T", "boot", rates, "1024 a@b.T")
+    assert perf.probe_candidates(peak) == [(1024, "a@b"), (2048, "a@b"), (1024, "a@b.T"), (2048, "a@b.T")]
+    assert perf.next_probe(peak) == (2048, "a@b.T")
+    last = dataclasses.replace(peak, last_probe="2048 a@b.T")
+    assert perf.next_probe(last) == (1024, "a@b")  # after the end: the first again
+    raised = perf._with_probe(peak, 2048, "a@b.T", timing(2048, 1.5e11))
+    assert (raised.size, raised.sizes_tried, raised.last_probe) == (2048, [512, 1024, 2048], "2048 a@b.T")
+    assert (
+        "2048^3 fp32 matmuls (a@b.T)" in raised.describe()
+        and "sizes 512/1024/2048 tried" in raised.describe()
+    )
 
 
 @pytest.mark.parametrize(
@@ -244,11 +271,10 @@ def test_processes_take_turns_probing_every_size_and_layout_until_the_true_peak_
             {"512 a@b": 1.3e9, "512 a@b.T": 2e10, "1024 a@b.T": 2.2e10},
             [(1024, "a@b.T")],
         ),
-        # AMX: 4096^3 fits 1 s from the 2048^3 rate; each layout's own rate bounds its sizes
+        # AMX: 4096^3 fits 1 s from the 2048^3 rate; a layout timed at 512^3 only gets its 1024^3 first
         (
             {"512 a@b": 8e11, "2048 a@b": 1.33e12, "512 a@b.T": 3e11, "512 a@b.T in fp32": 1e11},
-            [(1024, "a@b"), (2048, "a@b"), (4096, "a@b"), (1024, "a@b.T"), (2048, "a@b.T")]
-            + [(1024, "a@b.T in fp32"), (2048, "a@b.T in fp32")],
+            [(1024, "a@b"), (2048, "a@b"), (4096, "a@b"), (1024, "a@b.T"), (1024, "a@b.T in fp32")],
         ),
     ],
 )

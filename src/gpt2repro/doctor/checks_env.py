@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gpt2repro.doctor.harness import GIB, DoctorContext
 from gpt2repro.doctor.report import Failure, Row, failed, passed, skipped, verdict
+from gpt2repro.errors import first_line
 
 
 def _cpu_name() -> str:
@@ -169,7 +170,7 @@ def _try_kernel(name: str, q: torch.Tensor) -> tuple[bool, str]:
                 F.scaled_dot_product_attention(q, q, q, is_causal=True)
             return True, ""
         except RuntimeError as e:
-            reasons = [str(w.message).split("\n")[0] for w in caught] or [str(e).split("\n")[0]]
+            reasons = [first_line(w.message, 400) for w in caught] or [first_line(e, 400)]
             return False, "; ".join(dict.fromkeys(reasons))[:400]
 
 
