@@ -14,7 +14,7 @@ right, so every choice here is a short calibration at first use, cached per shap
   faster than fp32; a CPU without them (AVX2) runs torch's bf16 GEMMs 8x slower than fp32, and the
   backward's ``grad @ weight`` at under 1 GFLOP/s. There the product is computed in fp32 on the
   bf16-rounded operands and rounded to bf16 once: what a bf16 GEMM with fp32 accumulation returns (the
-  same numbers up to summation order), at fp32 speed. Likewise attention.
+  same numbers up to summation order), at fp32 speed. Likewise attention (gpt2repro.attention_kernels).
 
 Environment: ``GPT2REPRO_DECODE_KERNEL=auto|bmm|linear|compiled`` and
 ``GPT2REPRO_BF16_KERNEL=auto|native|fp32`` force a kernel (no calibration); ``GPT2REPRO_KERNEL_CACHE=0``
@@ -39,7 +39,7 @@ DECODE_KERNEL_ENV = "GPT2REPRO_DECODE_KERNEL"
 BF16_KERNEL_ENV = "GPT2REPRO_BF16_KERNEL"
 
 
-def _bucket(n: int, cap: int = 1 << 62) -> int:
+def bucket(n: int, cap: int = 1 << 62) -> int:
     """Round up to a power of two (at most ``cap``): shapes of one bucket behave alike, so they share a
     calibration."""
     return min(cap, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -122,7 +122,7 @@ def _shape_class(
     # the candidates are part of the key: a choice made before "compiled" existed is measured again
     candidates = "/linear+bmm+compiled" if dtype in compiled_gemv.HALF_DTYPES else ""
     return (
-        f"decode/{name}/out{_bucket(out_features)}/in{_bucket(in_features)}/rows{rows}/"
+        f"decode/{name}/out{bucket(out_features)}/in{bucket(in_features)}/rows{rows}/"
         f"{'bias' if bias else 'nobias'}/threads{threads}{candidates}"
     )
 
@@ -227,7 +227,7 @@ BF16_KERNELS = ("native", "fp32")
 # Calibration problems are at most this large: the choice follows the CPU's kernels (which instructions,
 # which layouts have a fast path), not the size, and a CPU without native bf16 takes 6 s for one
 # 1024x3072x768 grad @ weight.
-_BF16_ROWS, _BF16_WIDTH, _BF16_HEADS, _BF16_SEQ = 64, 1024, 8, 256
+BF16_ROWS, BF16_WIDTH, BF16_HEADS, BF16_SEQ = 64, 1024, 8, 256
 
 
 def computes_in_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -237,7 +237,7 @@ def computes_in_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype == weight.dtype == torch.bfloat16
 
 
-def _mode(*tensors: torch.Tensor) -> str:
+def autograd_mode(*tensors: torch.Tensor) -> str:
     """ "train" where a backward pass will follow (its products are part of the choice), else "infer"."""
     return "train" if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else "infer"
 
@@ -274,7 +274,7 @@ def linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return _LinearInFp32.apply(x.to(bf16), weight.to(bf16), None if bias is None else bias.to(bf16))
 
 
-def _run(product: Callable, mode: str, inputs: tuple[torch.Tensor, ...], **kwargs) -> None:
+def run_product(product: Callable, mode: str, inputs: tuple[torch.Tensor, ...], **kwargs) -> None:
     """One calibration call: the product, and in "train" mode its backward to every input."""
     with torch.autocast("cpu", enabled=False), torch.enable_grad() if mode == "train" else torch.no_grad():
         leaves = [t.detach().requires_grad_(mode == "train") for t in inputs]
@@ -283,7 +283,7 @@ def _run(product: Callable, mode: str, inputs: tuple[torch.Tensor, ...], **kwarg
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
 
-def _bf16_kernel(key: str, measure: Callable[[], calibration.KernelChoice], mode: str) -> str:
+def bf16_kernel(key: str, measure: Callable[[], calibration.KernelChoice], mode: str) -> str:
     """The bf16 kernel forced or measured for ``key``. A training run resumed in another process must
     multiply as before, so a training choice is always kept on disk, close or not."""
     persist = None if mode == "train" else calibration.KernelChoice.clear_cut
@@ -292,7 +292,7 @@ def _bf16_kernel(key: str, measure: Callable[[], calibration.KernelChoice], mode
 
 def bf16_linear_kernel(rows: int, out_features: int, in_features: int, mode: str) -> str:
     """ "native" or "fp32" for a bf16 (rows x in) @ (in x out) product here, measured on a capped shape."""
-    shape = (_bucket(rows, _BF16_ROWS), _bucket(out_features, _BF16_WIDTH), _bucket(in_features, _BF16_WIDTH))
+    shape = (bucket(rows, BF16_ROWS), bucket(out_features, BF16_WIDTH), bucket(in_features, BF16_WIDTH))
     key = f"bf16/linear/{mode}/rows{shape[0]}/out{shape[1]}/in{shape[2]}/threads{torch.get_num_threads()}"
 
     def measure() -> calibration.KernelChoice:
@@ -300,57 +300,12 @@ def bf16_linear_kernel(rows: int, out_features: int, in_features: int, mode: str
         x = torch.randn(shape[0], shape[2], generator=gen).bfloat16()
         weight = (torch.randn(shape[1], shape[2], generator=gen) * 0.02).bfloat16()
         products = {"native": lambda x, w: F.linear(x, w), "fp32": lambda x, w: linear_in_fp32(x, w, None)}
-        candidates = {name: functools.partial(_run, p, mode, (x, weight)) for name, p in products.items()}
+        candidates = {
+            name: functools.partial(run_product, p, mode, (x, weight)) for name, p in products.items()
+        }
         return measure_kernels(key, candidates, "native")
 
-    return _bf16_kernel(key, measure, mode)
-
-
-def _attention_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    bf16 = torch.bfloat16
-    with torch.autocast("cpu", enabled=False):
-        qkv = (t.to(bf16).float() for t in (q, k, v))
-        return F.scaled_dot_product_attention(*qkv, **kwargs).to(bf16)
-
-
-def _bf16_attention_kernel(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> str:
-    t_q, t_k = _bucket(q.shape[-2], _BF16_SEQ), _bucket(k.shape[-2], _BF16_SEQ)
-    kind = "mask" if mask is not None else "causal" if causal else "full"
-    mode, dim = _mode(q, k), q.shape[-1]
-    key = f"bf16/attention/{mode}/q{t_q}/k{t_k}/d{dim}/{kind}/threads{torch.get_num_threads()}"
-
-    def measure() -> calibration.KernelChoice:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, _BF16_HEADS, t, dim, generator=gen).bfloat16() for t in (t_q, t_k, t_k))
-        extra = {"is_causal": causal and mask is None}
-        if mask is not None:
-            extra["attn_mask"] = torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q)
-        products = {"native": F.scaled_dot_product_attention, "fp32": _attention_in_fp32}
-        candidates = {n: functools.partial(_run, p, mode, (q, k, v), **extra) for n, p in products.items()}
-        return measure_kernels(key, candidates, "native")
-
-    return _bf16_kernel(key, measure, mode)
-
-
-def scaled_dot_product_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; bf16 attention on CPU runs in fp32 where measured faster
-    (AVX2: the bf16 backward is 4.6x slower than fp32 at GPT-2's T=256), rounded to bf16 at the end."""
-    kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal}
-    if (
-        q.device.type == "cpu"
-        and computes_in_bf16(q, q)
-        and not torch.compiler.is_compiling()
-        and _bf16_attention_kernel(q, k, attn_mask, is_causal) == "fp32"
-    ):
-        return _attention_in_fp32(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return bf16_kernel(key, measure, mode)
 
 
 class Linear(nn.Linear):
@@ -421,7 +376,7 @@ class Linear(nn.Linear):
 
     def _fp32_wins(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features
-        mode = _mode(x, weight)
+        mode = autograd_mode(x, weight)
         return not torch.compiler.is_compiling() and (
             bf16_linear_kernel(rows, self.out_features, self.in_features, mode) == "fp32"
         )

@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2repro.attention_kernels import decode_cache_dtype, scaled_dot_product_attention
 from gpt2repro.config import ATTENTION_BACKENDS, GPTConfig
 from gpt2repro.errors import UserError
-from gpt2repro.kernels import Linear, scaled_dot_product_attention
+from gpt2repro.kernels import Linear
 from gpt2repro.loss import cross_entropy
 
 
@@ -340,7 +341,10 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         param = self.transformer.wte.weight
-        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled() else param.dtype
+        if torch.is_autocast_enabled():
+            dtype = torch.get_autocast_dtype(param.device.type)
+        else:
+            dtype = decode_cache_dtype(param.dtype, param.device, self.config.head_dim)
         return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, dtype)
 
     @torch.no_grad()
