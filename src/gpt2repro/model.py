@@ -118,6 +118,8 @@ class CausalSelfAttention(nn.Module):
         return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _explicit(self, q, k, v, past: int, dropout_p: float, mask: torch.Tensor | None = None):
+        if k.dtype != q.dtype:  # a cache kept wider than the weights (attention_kernels.decode_cache_dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
         if mask is None:
             mask = self._causal_mask(q.shape[2], k.shape[2], past, q.device)
@@ -341,7 +343,7 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         param = self.transformer.wte.weight
-        if torch.is_autocast_enabled():
+        if torch.is_autocast_enabled(param.device.type):
             dtype = torch.get_autocast_dtype(param.device.type)
         else:
             dtype = decode_cache_dtype(param.dtype, param.device, self.config.head_dim)
