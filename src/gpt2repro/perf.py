@@ -286,11 +286,10 @@ def probe_candidates(peak: CpuPeak) -> list[tuple[int, str]]:
 def next_probe(peak: CpuPeak) -> tuple[int, str]:
     """The candidate after the latest probe's place in the grid (the first after the end), so each one
     gets its turn while candidates come and go."""
-    grid = [rate_key(n, layout) for n, layout in _probe_grid(peak)]
-    last = grid.index(peak.last_probe) if peak.last_probe in grid else -1
-    candidates = probe_candidates(peak)
-    later = [c for c in candidates if grid.index(rate_key(*c)) > last]
-    return (later or candidates)[0]
+    place = {rate_key(*c): i for i, c in enumerate(_probe_grid(peak))}
+    last = place.get(peak.last_probe, -1)
+    candidates = probe_candidates(peak)  # in grid order
+    return next((c for c in candidates if place[rate_key(*c)] > last), candidates[0])
 
 
 def _probe(peak: CpuPeak, n: int, layout: str) -> MatmulTiming:
